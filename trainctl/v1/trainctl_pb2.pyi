@@ -1,0 +1,453 @@
+import datetime
+
+from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERIMENT_STATE_UNSPECIFIED: _ClassVar[ExperimentState]
+    QUEUED: _ClassVar[ExperimentState]
+    ASSIGNED: _ClassVar[ExperimentState]
+    RUNNING: _ClassVar[ExperimentState]
+    COMPLETED: _ClassVar[ExperimentState]
+    FAILED: _ClassVar[ExperimentState]
+    CANCELLED: _ClassVar[ExperimentState]
+
+class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SCOPE_UNSPECIFIED: _ClassVar[Scope]
+    STEP: _ClassVar[Scope]
+    EPOCH: _ClassVar[Scope]
+
+class ControlKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTROL_KIND_UNSPECIFIED: _ClassVar[ControlKind]
+    SET_LR: _ClassVar[ControlKind]
+    SCALE_LR: _ClassVar[ControlKind]
+    SET_LR_DECAY: _ClassVar[ControlKind]
+    SET_EMA_DECAY: _ClassVar[ControlKind]
+    SET_WEIGHT_DECAY: _ClassVar[ControlKind]
+
+class ControlStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTROL_STATUS_UNSPECIFIED: _ClassVar[ControlStatus]
+    PENDING: _ClassVar[ControlStatus]
+    APPLIED: _ClassVar[ControlStatus]
+    REJECTED: _ClassVar[ControlStatus]
+
+class ControlSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CONTROL_SOURCE_UNSPECIFIED: _ClassVar[ControlSource]
+    LIVE: _ClassVar[ControlSource]
+    SCHEDULED: _ClassVar[ControlSource]
+    REPLAYED: _ClassVar[ControlSource]
+EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
+QUEUED: ExperimentState
+ASSIGNED: ExperimentState
+RUNNING: ExperimentState
+COMPLETED: ExperimentState
+FAILED: ExperimentState
+CANCELLED: ExperimentState
+SCOPE_UNSPECIFIED: Scope
+STEP: Scope
+EPOCH: Scope
+CONTROL_KIND_UNSPECIFIED: ControlKind
+SET_LR: ControlKind
+SCALE_LR: ControlKind
+SET_LR_DECAY: ControlKind
+SET_EMA_DECAY: ControlKind
+SET_WEIGHT_DECAY: ControlKind
+CONTROL_STATUS_UNSPECIFIED: ControlStatus
+PENDING: ControlStatus
+APPLIED: ControlStatus
+REJECTED: ControlStatus
+CONTROL_SOURCE_UNSPECIFIED: ControlSource
+LIVE: ControlSource
+SCHEDULED: ControlSource
+REPLAYED: ControlSource
+
+class Experiment(_message.Message):
+    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of")
+    class SummaryEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    LAST_STEP_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    name: str
+    state: ExperimentState
+    spec: _struct_pb2.Struct
+    created_at: _timestamp_pb2.Timestamp
+    started_at: _timestamp_pb2.Timestamp
+    finished_at: _timestamp_pb2.Timestamp
+    attempt: int
+    worker_id: str
+    message: str
+    summary: _containers.ScalarMap[str, float]
+    last_step: int
+    replay_of: int
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ...) -> None: ...
+
+class MetricBatch(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "seq", "scope", "names", "rows")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    seq: int
+    scope: Scope
+    names: _containers.RepeatedScalarFieldContainer[str]
+    rows: _containers.RepeatedCompositeFieldContainer[MetricRow]
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., names: _Optional[_Iterable[str]] = ..., rows: _Optional[_Iterable[_Union[MetricRow, _Mapping]]] = ...) -> None: ...
+
+class MetricRow(_message.Message):
+    __slots__ = ("step", "epoch", "wall_time", "values")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    epoch: int
+    wall_time: float
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., wall_time: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class ControlRecord(_message.Message):
+    __slots__ = ("command_id", "experiment_id", "kind", "value", "status", "source", "requested_at", "applied_at", "applied_step", "old_value", "new_value", "message", "at_step")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    REQUESTED_AT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_AT_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    OLD_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    command_id: str
+    experiment_id: int
+    kind: ControlKind
+    value: float
+    status: ControlStatus
+    source: ControlSource
+    requested_at: _timestamp_pb2.Timestamp
+    applied_at: _timestamp_pb2.Timestamp
+    applied_step: int
+    old_value: float
+    new_value: float
+    message: str
+    at_step: int
+    def __init__(self, command_id: _Optional[str] = ..., experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., status: _Optional[_Union[ControlStatus, str]] = ..., source: _Optional[_Union[ControlSource, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., at_step: _Optional[int] = ...) -> None: ...
+
+class SubmitRequest(_message.Message):
+    __slots__ = ("spec",)
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    spec: _struct_pb2.Struct
+    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class ListRequest(_message.Message):
+    __slots__ = ("states", "limit")
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    states: _containers.RepeatedScalarFieldContainer[ExperimentState]
+    limit: int
+    def __init__(self, states: _Optional[_Iterable[_Union[ExperimentState, str]]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListResponse(_message.Message):
+    __slots__ = ("experiments",)
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("id", "reason")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    reason: str
+    def __init__(self, id: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("id", "from_step", "live_only")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    LIVE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    from_step: int
+    live_only: bool
+    def __init__(self, id: _Optional[int] = ..., from_step: _Optional[int] = ..., live_only: _Optional[bool] = ...) -> None: ...
+
+class WatchEvent(_message.Message):
+    __slots__ = ("experiment", "metrics", "control")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    experiment: Experiment
+    metrics: MetricBatch
+    control: ControlRecord
+    def __init__(self, experiment: _Optional[_Union[Experiment, _Mapping]] = ..., metrics: _Optional[_Union[MetricBatch, _Mapping]] = ..., control: _Optional[_Union[ControlRecord, _Mapping]] = ...) -> None: ...
+
+class GetMetricsRequest(_message.Message):
+    __slots__ = ("id", "scope", "names", "from_step", "to_step", "max_points")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    FROM_STEP_FIELD_NUMBER: _ClassVar[int]
+    TO_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_POINTS_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    scope: Scope
+    names: _containers.RepeatedScalarFieldContainer[str]
+    from_step: int
+    to_step: int
+    max_points: int
+    def __init__(self, id: _Optional[int] = ..., scope: _Optional[_Union[Scope, str]] = ..., names: _Optional[_Iterable[str]] = ..., from_step: _Optional[int] = ..., to_step: _Optional[int] = ..., max_points: _Optional[int] = ...) -> None: ...
+
+class MetricSeries(_message.Message):
+    __slots__ = ("name", "scope", "steps", "epochs", "values")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    VALUES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scope: Scope
+    steps: _containers.RepeatedScalarFieldContainer[int]
+    epochs: _containers.RepeatedScalarFieldContainer[int]
+    values: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, name: _Optional[str] = ..., scope: _Optional[_Union[Scope, str]] = ..., steps: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class GetMetricsResponse(_message.Message):
+    __slots__ = ("series", "total_points")
+    SERIES_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_POINTS_FIELD_NUMBER: _ClassVar[int]
+    series: _containers.RepeatedCompositeFieldContainer[MetricSeries]
+    total_points: int
+    def __init__(self, series: _Optional[_Iterable[_Union[MetricSeries, _Mapping]]] = ..., total_points: _Optional[int] = ...) -> None: ...
+
+class ControlRequest(_message.Message):
+    __slots__ = ("experiment_id", "kind", "value", "command_id", "wait_seconds")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    kind: ControlKind
+    value: float
+    command_id: str
+    wait_seconds: float
+    def __init__(self, experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., command_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+
+class ListControlsRequest(_message.Message):
+    __slots__ = ("experiment_id",)
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    def __init__(self, experiment_id: _Optional[int] = ...) -> None: ...
+
+class ListControlsResponse(_message.Message):
+    __slots__ = ("records",)
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[ControlRecord]
+    def __init__(self, records: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ...) -> None: ...
+
+class ReplayRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class Device(_message.Message):
+    __slots__ = ("kind", "index", "name", "memory_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    index: int
+    name: str
+    memory_bytes: int
+    def __init__(self, kind: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("worker_id", "hostname", "devices", "version")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    hostname: str
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    version: str
+    def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "step")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    step: int
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
+class StateUpdate(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "state", "message", "summary")
+    class SummaryEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    state: ExperimentState
+    message: str
+    summary: _containers.ScalarMap[str, float]
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class ControlAck(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "command_id", "ok", "applied_step", "old_value", "new_value", "message")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_STEP_FIELD_NUMBER: _ClassVar[int]
+    OLD_VALUE_FIELD_NUMBER: _ClassVar[int]
+    NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    command_id: str
+    ok: bool
+    applied_step: int
+    old_value: float
+    new_value: float
+    message: str
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "metrics", "state", "ack")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    metrics: MetricBatch
+    state: StateUpdate
+    ack: ControlAck
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., metrics: _Optional[_Union[MetricBatch, _Mapping]] = ..., state: _Optional[_Union[StateUpdate, _Mapping]] = ..., ack: _Optional[_Union[ControlAck, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("heartbeat_interval_s", "lease_timeout_s")
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    heartbeat_interval_s: float
+    lease_timeout_s: float
+    def __init__(self, heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
+
+class Assignment(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "name", "spec", "controls")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    name: str
+    spec: _struct_pb2.Struct
+    controls: _containers.RepeatedCompositeFieldContainer[ControlRecord]
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ...) -> None: ...
+
+class ControlCommand(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "command_id", "kind", "value")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    command_id: str
+    kind: ControlKind
+    value: float
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ...) -> None: ...
+
+class CancelRun(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "reason")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    reason: str
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class BatchAck(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "seq")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    seq: int
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+
+class ServerMessage(_message.Message):
+    __slots__ = ("welcome", "assignment", "control", "cancel", "batch_ack")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    BATCH_ACK_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    assignment: Assignment
+    control: ControlCommand
+    cancel: CancelRun
+    batch_ack: BatchAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., control: _Optional[_Union[ControlCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelRun, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ...) -> None: ...
