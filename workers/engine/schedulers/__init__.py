@@ -1,0 +1,23 @@
+"""LR schedules for trainctl (torch-free: the server validates and previews specs).
+
+See API.md next to this file for the contract with the training loop and
+docs/schedules.md for every schedule's parameters.
+"""
+from .base import CommonParams, NoDecayFactor, NoiseParams, Schedule
+from .factory import CONTROL_KINDS, ScheduleParams, apply_control, build_schedule, parse_schedule, preview
+from .registry import REGISTRY, decay_schedules
+
+__all__ = [
+    "CONTROL_KINDS",
+    "CommonParams",
+    "NoDecayFactor",
+    "NoiseParams",
+    "REGISTRY",
+    "Schedule",
+    "ScheduleParams",
+    "apply_control",
+    "build_schedule",
+    "decay_schedules",
+    "parse_schedule",
+    "preview",
+]

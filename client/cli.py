@@ -1,0 +1,309 @@
+"""`trainctl` command line. Address and token come from --server/--token or
+TRAINCTL_SERVER / TRAINCTL_TOKEN. Every read command takes --json."""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import os
+import sys
+
+from trainctl.client.sdk import DEFAULT_ADDRESS, Client, TrainctlError
+from trainctl.spec import SpecError
+
+
+def _client(args) -> Client:
+    return Client(args.server, args.token)
+
+
+def _add_conn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", "-s", default=os.environ.get("TRAINCTL_SERVER", DEFAULT_ADDRESS),
+                   help="server address host:port (env TRAINCTL_SERVER)")
+    p.add_argument("--token", default=os.environ.get("TRAINCTL_TOKEN"), help="bearer token (env TRAINCTL_TOKEN)")
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=lambda o: o.__dict__))
+
+
+# ---------------------------------------------------------------------- processes
+def cmd_server(args) -> int:
+    from trainctl.server.app import ServerConfig, serve
+
+    serve(args.listen, ServerConfig(db_url=args.db, heartbeat_interval=args.heartbeat,
+                                    lease_timeout=args.lease_timeout, grace=args.grace))
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from trainctl.workers.agent import run_worker
+
+    return run_worker(args.server, worker_id=args.worker_id, workdir=args.workdir, max_runs=args.max_runs)
+
+
+# ---------------------------------------------------------------------- experiments
+def cmd_submit(args) -> int:
+    from trainctl.client.render import console
+
+    with _client(args) as c:
+        x = c.submit(args.spec)
+        if args.json and not args.follow:
+            _print_json(x)
+            return 0
+        console.print(f"submitted experiment [bold]{x.id}[/] ({x.name}), state {x.state}")
+        if not args.follow:
+            return 0
+        return _follow(c, x.id, args.json)
+
+
+def _follow(c: Client, id: int, as_json: bool) -> int:
+    from trainctl.client.render import console, event_json, live_view
+
+    if as_json:
+        last = None
+        for ev in c.watch(id):
+            print(event_json(ev), flush=True)
+            if ev.kind == "experiment":
+                last = ev.experiment
+        last = last if last and last.is_final else c.get(id)
+    else:
+        x = c.get(id)
+        epochs = int(x.spec.get("train", {}).get("epochs", 0))
+        last = live_view(c.watch(id), epochs=epochs)
+        last = last if last and last.is_final else c.get(id)
+        style = "green" if last.state == "COMPLETED" else "bold red"
+        acc = last.summary.get("val_top1")
+        console.print(f"experiment {id} [{style}]{last.state}[/]"
+                      + (f"  val_top1 {acc:.4f}" if acc is not None else "")
+                      + (f"  ({last.message})" if last.message else ""))
+    return 0 if last.state == "COMPLETED" else 1
+
+
+def cmd_ls(args) -> int:
+    from trainctl.client.render import console, experiments_table
+
+    with _client(args) as c:
+        xs = c.list(states=args.state, limit=args.limit)
+    if args.json:
+        _print_json(xs)
+    else:
+        console.print(experiments_table(xs))
+    return 0
+
+
+def cmd_get(args) -> int:
+    from trainctl.client.render import experiment_detail
+
+    with _client(args) as c:
+        x, controls = c.get(args.id), c.controls(args.id)
+    if args.json:
+        _print_json({**x.__dict__, "controls": controls})
+    else:
+        experiment_detail(x, controls)
+    return 0
+
+
+def cmd_watch(args) -> int:
+    with _client(args) as c:
+        if args.json:
+            from trainctl.client.render import event_json
+
+            for ev in c.watch(args.id, from_step=args.from_step, live_only=args.live_only):
+                print(event_json(ev), flush=True)
+            return 0
+        return _follow(c, args.id, False)
+
+
+def cmd_metrics(args) -> int:
+    with _client(args) as c:
+        series = c.metrics(args.id, scope=args.scope, names=args.names.split(",") if args.names else None,
+                           from_step=args.from_step, to_step=args.to_step, max_points=args.max_points)
+    if args.json:
+        print(json.dumps(series))
+    elif args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["scope", "name", "step", "epoch", "value"])
+        for key, s in series.items():
+            scope, name = key.split("/", 1)
+            for row in zip(s["step"], s["epoch"], s["value"]):
+                w.writerow([scope, name, *row])
+    else:
+        from rich.table import Table
+
+        from trainctl.client.render import console
+
+        t = Table(box=None, header_style="bold")
+        for col in ("SERIES", "POINTS", "FIRST STEP", "LAST STEP", "LAST", "MIN", "MAX"):
+            t.add_column(col)
+        for key, s in series.items():
+            v = s["value"]
+            if v:
+                t.add_row(key, str(len(v)), str(s["step"][0]), str(s["step"][-1]), f"{v[-1]:.6g}",
+                          f"{min(v):.6g}", f"{max(v):.6g}")
+        console.print(t)
+    return 0
+
+
+def _control(args, kind: str) -> int:
+    from trainctl.client.render import console, control_line
+
+    with _client(args) as c:
+        r = c.control(args.id, kind, args.value, wait=args.wait)
+    if args.json:
+        _print_json(r)
+    else:
+        console.print(control_line(r))
+    return 0 if r.status != "REJECTED" else 1
+
+
+def cmd_set_decay(args) -> int:
+    kinds = {"lr": "SET_LR_DECAY", "ema": "SET_EMA_DECAY", "weight": "SET_WEIGHT_DECAY"}
+    return _control(args, kinds[args.target])
+
+
+def cmd_cancel(args) -> int:
+    with _client(args) as c:
+        x = c.cancel(args.id, args.reason)
+    print(json.dumps(x.__dict__) if args.json else f"experiment {x.id} {x.state}")
+    return 0
+
+
+def cmd_replay(args) -> int:
+    with _client(args) as c:
+        x = c.replay(args.id)
+        if args.json and not args.follow:
+            _print_json(x)
+            return 0
+        print(f"replaying experiment {args.id} as experiment {x.id}")
+        return _follow(c, x.id, args.json) if args.follow else 0
+
+
+def cmd_demo(args) -> int:
+    from trainctl.client.demo import run_demo
+
+    return run_demo(spec=args.spec, port=args.port, workdir=args.workdir, set_lr=args.set_lr)
+
+
+# ---------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="trainctl", description="Submit, watch and steer training runs.")
+    p.add_argument("--log-level", default=os.environ.get("TRAINCTL_LOG", "WARNING"))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("server", help="run the control server")
+    s.add_argument("--listen", default="127.0.0.1:50051")
+    s.add_argument("--db", default=os.environ.get("TRAINCTL_DB", "sqlite:///trainctl.db"),
+                   help="SQLAlchemy URL (env TRAINCTL_DB)")
+    s.add_argument("--heartbeat", type=float, default=2.0, help="worker heartbeat interval, s")
+    s.add_argument("--lease-timeout", type=float, default=15.0, help="requeue a run after this long without news, s")
+    s.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight work on SIGTERM")
+    s.set_defaults(fn=cmd_server)
+
+    s = sub.add_parser("worker", help="run a worker that trains assigned experiments")
+    s.add_argument("--server", "-s", default=os.environ.get("TRAINCTL_SERVER", DEFAULT_ADDRESS))
+    s.add_argument("--worker-id", default=os.environ.get("TRAINCTL_WORKER_ID"))
+    s.add_argument("--workdir", default=os.environ.get("TRAINCTL_WORKDIR", "runs"), help="checkpoints go here")
+    s.add_argument("--max-runs", type=int, default=0, help="exit after this many runs (0 = never)")
+    s.set_defaults(fn=cmd_worker)
+
+    s = sub.add_parser("submit", help="submit a spec (YAML/JSON)")
+    s.add_argument("spec")
+    s.add_argument("--follow", "-f", action="store_true", help="watch until it ends; exit 1 unless COMPLETED")
+    s.add_argument("--json", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_submit)
+
+    s = sub.add_parser("ls", help="list experiments")
+    s.add_argument("--state", action="append", help="only these states (repeatable)")
+    s.add_argument("--limit", type=int, default=100)
+    s.add_argument("--json", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_ls)
+
+    s = sub.add_parser("get", help="one experiment with its control log")
+    s.add_argument("id", type=int)
+    s.add_argument("--json", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_get)
+
+    s = sub.add_parser("watch", help="live progress of an experiment")
+    s.add_argument("id", type=int)
+    s.add_argument("--from-step", type=int, default=0)
+    s.add_argument("--live-only", action="store_true")
+    s.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_watch)
+
+    s = sub.add_parser("metrics", help="stored metrics of an experiment")
+    s.add_argument("id", type=int)
+    s.add_argument("--scope", choices=["step", "epoch"])
+    s.add_argument("--names", help="comma-separated metric names")
+    s.add_argument("--from-step", type=int, default=0)
+    s.add_argument("--to-step", type=int, default=0)
+    s.add_argument("--max-points", type=int, default=0, help="downsample each series (min/max preserving)")
+    fmt = s.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true")
+    fmt.add_argument("--csv", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_metrics)
+
+    for name, kind, help_ in (("set-lr", "SET_LR", "set the learning rate (the schedule keeps its shape)"),
+                              ("scale-lr", "SCALE_LR", "multiply the learning rate")):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("id", type=int)
+        s.add_argument("value", type=float)
+        s.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the worker's ack")
+        s.add_argument("--json", action="store_true")
+        _add_conn(s)
+        s.set_defaults(fn=lambda a, k=kind: _control(a, k))
+
+    s = sub.add_parser("set-decay", help="set a decay rate: LR schedule factor, model EMA or weight decay")
+    s.add_argument("id", type=int)
+    s.add_argument("value", type=float)
+    s.add_argument("--target", choices=["lr", "ema", "weight"], default="lr")
+    s.add_argument("--wait", type=float, default=10.0)
+    s.add_argument("--json", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_set_decay)
+
+    s = sub.add_parser("cancel", help="cancel an experiment")
+    s.add_argument("id", type=int)
+    s.add_argument("--reason", default="")
+    s.add_argument("--json", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_cancel)
+
+    s = sub.add_parser("replay", help="re-run an experiment with its spec and recorded control log")
+    s.add_argument("id", type=int)
+    s.add_argument("--follow", "-f", action="store_true")
+    s.add_argument("--json", action="store_true")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_replay)
+
+    s = sub.add_parser("demo", help="server + worker on loopback, a digits run, an LR change mid-run")
+    s.add_argument("--spec", default=None, help="spec to run (default: examples/digits.yaml)")
+    s.add_argument("--port", type=int, default=0, help="0 = any free port")
+    s.add_argument("--workdir", default=None, help="where the database and checkpoints go (default: a temp dir)")
+    s.add_argument("--set-lr", type=float, default=0.01, help="the LR to switch to mid-run")
+    s.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except TrainctlError as exc:
+        print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
+        return 2
+    except SpecError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

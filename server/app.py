@@ -1,0 +1,114 @@
+"""Building, running and stopping the control server.
+
+`create_server(address, config)` is the one factory: `trainctl server` and the tests
+both use it. Graceful stop on SIGTERM: stop accepting, let in-flight calls and store
+writes finish within the grace period, then close the store.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from trainctl.server.dispatcher import Dispatcher
+from trainctl.server.experiments_service import ExperimentsService
+from trainctl.server.live import Live
+from trainctl.server.store import open_store
+from trainctl.server.workers_service import WorkersService
+from trainctl.v1 import trainctl_pb2 as pb
+from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE = 64 * 1024 * 1024
+SERVICE_NAMES = (
+    pb.DESCRIPTOR.services_by_name["Experiments"].full_name,
+    pb.DESCRIPTOR.services_by_name["Workers"].full_name,
+)
+
+
+@dataclass
+class ServerConfig:
+    db_url: str = "sqlite:///trainctl.db"
+    heartbeat_interval: float = 2.0
+    lease_timeout: float = 15.0
+    grace: float = 10.0
+
+
+class ControlServer:
+    def __init__(self, grpc_server: grpc.aio.Server, live: Live, dispatcher: Dispatcher,
+                 health_servicer: health.aio.HealthServicer, config: ServerConfig):
+        self.grpc = grpc_server
+        self.live = live
+        self.dispatcher = dispatcher
+        self.health = health_servicer
+        self.config = config
+
+    async def start(self) -> None:
+        await self.dispatcher.start()
+        await self.grpc.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace: float | None = None) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.dispatcher.stop()
+        await self.grpc.stop(self.config.grace if grace is None else grace)
+        self.live.close()  # waits for queued store writes
+        self.live.store.close()
+
+    async def wait(self) -> None:
+        await self.grpc.wait_for_termination()
+
+
+def create_server(address: str, config: ServerConfig | None = None) -> tuple[ControlServer, int]:
+    """Build (not start) a server bound to `address`; returns it and the bound port
+    (useful with port 0). Call inside a running event loop."""
+    config = config or ServerConfig()
+    store = open_store(config.db_url)
+    live = Live(store)
+    dispatcher = Dispatcher(store, live.db, lease_timeout=config.lease_timeout,
+                            on_experiment_change=live.experiment_changed)
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", 20_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ])
+    pb_grpc.add_ExperimentsServicer_to_server(ExperimentsService(live, dispatcher), server)
+    pb_grpc.add_WorkersServicer_to_server(
+        WorkersService(live, dispatcher, heartbeat_interval=config.heartbeat_interval), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    return ControlServer(server, live, dispatcher, health_servicer, config), port
+
+
+async def _serve(address: str, config: ServerConfig) -> None:
+    server, port = create_server(address, config)
+    await server.start()
+    log.info("trainctl server listening on %s (port %d), store %s", address, port, config.db_url)
+    print(f"trainctl server listening on port {port}", flush=True)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    log.info("stopping (grace %.0f s)", config.grace)
+    await server.stop()
+
+
+def serve(address: str, config: ServerConfig) -> None:
+    asyncio.run(_serve(address, config))

@@ -1,0 +1,76 @@
+"""Store entities <-> wire messages. The gRPC layer never sees ORM rows, and the store
+never sees protobuf."""
+from __future__ import annotations
+
+import math
+
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from trainctl.server.store import entities as e
+from trainctl.v1 import trainctl_pb2 as pb
+
+
+def _ts(seconds: float | None) -> Timestamp | None:
+    if seconds is None:
+        return None
+    ts = Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def struct_from_dict(d: dict) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+def dict_from_struct(s: struct_pb2.Struct) -> dict:
+    return json_format.MessageToDict(s)
+
+
+def experiment_to_pb(x: e.Experiment) -> pb.Experiment:
+    msg = pb.Experiment(
+        id=x.id, name=x.name, state=pb.ExperimentState.Value(x.state), spec=struct_from_dict(x.spec),
+        attempt=x.attempt, worker_id=x.worker_id or "", message=x.message or "",
+        summary={k: float(v) for k, v in (x.summary or {}).items()}, last_step=x.last_step,
+        replay_of=x.replay_of or 0,
+    )
+    for field, value in (("created_at", x.created_at), ("started_at", x.started_at), ("finished_at", x.finished_at)):
+        ts = _ts(value)
+        if ts is not None:
+            getattr(msg, field).CopyFrom(ts)
+    return msg
+
+
+def control_to_pb(r: e.ControlRecord) -> pb.ControlRecord:
+    msg = pb.ControlRecord(
+        command_id=r.command_id, experiment_id=r.experiment_id, kind=pb.ControlKind.Value(r.kind),
+        value=r.value, status=pb.ControlStatus.Value(r.status), source=pb.ControlSource.Value(r.source),
+        applied_step=r.applied_step if r.applied_step is not None else -1,
+        old_value=_nan_if_none(r.old_value), new_value=_nan_if_none(r.new_value), message=r.message or "",
+        at_step=r.at_step if r.at_step is not None else -1,
+    )
+    msg.requested_at.CopyFrom(_ts(r.requested_at))
+    if r.applied_at is not None:
+        msg.applied_at.CopyFrom(_ts(r.applied_at))
+    return msg
+
+
+def _nan_if_none(v: float | None) -> float:
+    return math.nan if v is None else float(v)
+
+
+def rows_to_batches(experiment_id: int, rows: list[e.MetricRow]) -> list[pb.MetricBatch]:
+    """History rows regrouped into MetricBatch messages (one per run of rows that share
+    scope and column names), the same shape live events have."""
+    batches: list[pb.MetricBatch] = []
+    current: pb.MetricBatch | None = None
+    for r in rows:
+        names = sorted(r.values)
+        if current is None or current.scope != pb.Scope.Value(r.scope) or list(current.names) != names \
+                or len(current.rows) >= 1000:
+            current = pb.MetricBatch(experiment_id=experiment_id, scope=pb.Scope.Value(r.scope), names=names)
+            batches.append(current)
+        current.rows.add(step=r.step, epoch=r.epoch, wall_time=r.wall_time, values=[r.values[n] for n in names])
+    return batches

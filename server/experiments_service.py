@@ -1,0 +1,241 @@
+"""The Experiments service: what clients call."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+
+import grpc
+
+from trainctl.server import convert
+from trainctl.server.dispatcher import Dispatcher
+from trainctl.server.downsample import downsample_minmax
+from trainctl.server.live import Live
+from trainctl.server.store import entities as e
+from trainctl.server.store.errors import InvalidTransition, NotFound
+from trainctl.spec import SpecError, check_control_value, parse_spec
+from trainctl.v1 import trainctl_pb2 as pb
+from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
+from trainctl.workers.engine.schedulers import NoDecayFactor, build_schedule
+
+log = logging.getLogger(__name__)
+
+# ControlKind -> the spec's verb for it (the worker and spec `control:` speak verbs).
+VERBS = {pb.SET_LR: "set_lr", pb.SCALE_LR: "scale_lr", pb.SET_LR_DECAY: "set_lr_decay",
+         pb.SET_EMA_DECAY: "set_ema_decay", pb.SET_WEIGHT_DECAY: "set_weight_decay"}
+KIND_OF_VERB = {v: pb.ControlKind.Name(k) for k, v in VERBS.items()}
+DEFAULT_CONTROL_WAIT = 10.0
+
+
+class ExperimentsService(pb_grpc.ExperimentsServicer):
+    def __init__(self, live: Live, dispatcher: Dispatcher):
+        self.live = live
+        self.store = live.store
+        self.db = live.db
+        self.dispatcher = dispatcher
+
+    async def _get(self, id: int, context) -> e.Experiment:
+        try:
+            return await self.db(self.store.get_experiment, id)
+        except NotFound as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+
+    # ------------------------------------------------------------------ submit / read
+    async def Submit(self, request: pb.SubmitRequest, context):
+        raw = convert.dict_from_struct(request.spec)
+        try:
+            # parse_spec may import timm to check the model name: keep it off the loop.
+            spec = await self.db(parse_spec, raw)
+        except SpecError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid spec: {exc}")
+        x = await self._create(spec.to_dict(), spec, replay_of=None)
+        return convert.experiment_to_pb(x)
+
+    async def _create(self, spec_dict: dict, spec, *, replay_of: int | None,
+                      extra_controls: list[e.ControlRecord] = ()) -> e.Experiment:
+        x = await self.db(self.store.create_experiment, spec.name, spec_dict, max_restarts=spec.max_restarts,
+                          gpus=spec.resources.gpus * spec.resources.nproc if spec.resources.gpus else 0,
+                          replay_of=replay_of)
+        now = time.time()
+        scheduled = [_record(x.id, KIND_OF_VERB[c.verb], c.value, e.SCHEDULED, now, at_step=c.at_step)
+                     for c in spec.control]
+        for rec in [*scheduled, *(r.__class__(**{**r.__dict__, "experiment_id": x.id}) for r in extra_controls)]:
+            await self.db(self.store.add_control, rec)
+        self.dispatcher.kick()
+        log.info("experiment %d %r queued", x.id, x.name)
+        return x
+
+    async def Get(self, request: pb.GetRequest, context):
+        return convert.experiment_to_pb(await self._get(request.id, context))
+
+    async def List(self, request: pb.ListRequest, context):
+        states = [pb.ExperimentState.Name(s) for s in request.states] or None
+        limit = request.limit or 100
+        if limit < 0 or limit > 10_000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: must be in 0..10000, got {limit}")
+        xs = await self.db(self.store.list_experiments, states, limit)
+        return pb.ListResponse(experiments=[convert.experiment_to_pb(x) for x in xs])
+
+    async def Cancel(self, request: pb.CancelRequest, context):
+        await self._get(request.id, context)
+        reason = request.reason or "cancelled by user"
+        try:
+            x = await self.db(self.store.cancel, request.id, reason)
+        except InvalidTransition as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        session = self.dispatcher.session_for(x.id)
+        if session is not None:
+            session.send(pb.ServerMessage(cancel=pb.CancelRun(experiment_id=x.id, attempt=x.attempt, reason=reason)))
+        self.dispatcher.release(x.id, x.attempt)
+        self.live.experiment_changed(x)
+        return convert.experiment_to_pb(x)
+
+    # ------------------------------------------------------------------ watch / metrics
+    async def Watch(self, request: pb.WatchRequest, context):
+        x = await self._get(request.id, context)
+        # Subscribe before reading history: a batch stored meanwhile shows up in both,
+        # and the per-scope step filter below drops the second copy (no gap, no dup).
+        sub = self.live.hub.subscribe(request.id)
+        context.add_done_callback(lambda _: self.live.hub.unsubscribe(sub))
+        try:
+            yield pb.WatchEvent(experiment=convert.experiment_to_pb(x))
+            sent = {pb.STEP: request.from_step - 1, pb.EPOCH: request.from_step - 1}
+            if not request.live_only:
+                rows = await self.db(self.store.metric_rows, request.id, from_step=max(request.from_step, 0))
+                for batch in convert.rows_to_batches(request.id, rows):
+                    sent[batch.scope] = max(sent[batch.scope], batch.rows[-1].step)
+                    yield pb.WatchEvent(metrics=batch)
+                for rec in await self.db(self.store.list_controls, request.id):
+                    if rec.status != e.PENDING:
+                        yield pb.WatchEvent(control=convert.control_to_pb(rec))
+            x = await self._get(request.id, context)
+            if x.is_final:
+                yield pb.WatchEvent(experiment=convert.experiment_to_pb(x))
+                return
+            while True:
+                event = await sub.get()
+                if event is None:
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                        f"watch of experiment {request.id} fell too far behind "
+                                        f"({self.live.hub.queue_size} events queued); reconnect with from_step")
+                which = event.WhichOneof("event")
+                if which == "metrics":
+                    event = _after(event, sent)
+                    if event is None:
+                        continue
+                yield event
+                if which == "experiment" and event.experiment.state in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
+                    return
+        finally:
+            self.live.hub.unsubscribe(sub)
+
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context):
+        await self._get(request.id, context)
+        if request.max_points < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_points: must be >= 0, got {request.max_points}")
+        scope = pb.Scope.Name(request.scope) if request.scope else None
+        series = await self.db(self.store.get_metrics, request.id, scope=scope, names=list(request.names) or None,
+                               from_step=request.from_step, to_step=request.to_step or None)
+        out = pb.GetMetricsResponse(total_points=sum(len(s.steps) for s in series))
+        for s in series:
+            steps, epochs, values = s.steps, s.epochs, s.values
+            if request.max_points and len(steps) > request.max_points:
+                keep = downsample_minmax(steps, values, request.max_points)
+                steps, values = keep
+                epoch_of = dict(zip(s.steps, s.epochs))
+                epochs = [epoch_of[st] for st in steps]
+            out.series.add(name=s.name, scope=pb.Scope.Value(s.scope), steps=steps, epochs=epochs, values=values)
+        return out
+
+    # ------------------------------------------------------------------ control
+    async def Control(self, request: pb.ControlRequest, context):
+        verb = VERBS.get(request.kind)
+        if verb is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown control kind {request.kind}")
+        try:
+            check_control_value(verb, request.value)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"value: {exc}")
+        if request.wait_seconds < 0 or not math.isfinite(request.wait_seconds) or request.wait_seconds > 600:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"wait_seconds: must be in [0, 600], got {request.wait_seconds}")
+        x = await self._get(request.experiment_id, context)
+        if x.is_final:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"experiment {x.id} is {x.state}; it can no longer be steered")
+        problem = await self.db(_unsupported, x.spec, verb, request.value)
+        if problem:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
+        command_id = request.command_id or uuid.uuid4().hex
+        rec = await self.db(self.store.add_control,
+                            _record(x.id, pb.ControlKind.Name(request.kind), request.value, e.LIVE, time.time(),
+                                    command_id=command_id))
+        if rec.status != e.PENDING:  # an idempotent retry of a command already resolved
+            return convert.control_to_pb(rec)
+        session = self.dispatcher.session_for(x.id)
+        if session is None:  # QUEUED (or between workers): delivered with the assignment
+            return convert.control_to_pb(rec)
+        waiter = asyncio.ensure_future(self.live.wait_control(command_id, request.wait_seconds or DEFAULT_CONTROL_WAIT))
+        await asyncio.sleep(0)  # register the waiter before the ack can possibly arrive
+        session.send(pb.ServerMessage(control=pb.ControlCommand(
+            experiment_id=x.id, attempt=x.attempt, command_id=command_id, kind=request.kind, value=request.value)))
+        done = await waiter
+        return convert.control_to_pb(done or rec)
+
+    async def ListControls(self, request: pb.ListControlsRequest, context):
+        await self._get(request.experiment_id, context)
+        recs = await self.db(self.store.list_controls, request.experiment_id)
+        return pb.ListControlsResponse(records=[convert.control_to_pb(r) for r in recs])
+
+    async def Replay(self, request: pb.ReplayRequest, context):
+        x = await self._get(request.id, context)
+        spec = await self.db(parse_spec, x.spec, check_model=False)
+        now = time.time()
+        replayed = [_record(0, r.kind, r.value, e.REPLAYED, now, at_step=r.applied_step)
+                    for r in await self.db(self.store.list_controls, x.id)
+                    if r.source != e.SCHEDULED and r.status == e.APPLIED]
+        spec_dict = {**x.spec, "name": f"{x.name}-replay"[:128]}
+        y = await self._create(spec_dict, spec, replay_of=x.id, extra_controls=replayed)
+        return convert.experiment_to_pb(y)
+
+
+def _record(experiment_id: int, kind: str, value: float, source: str, now: float, *,
+            command_id: str | None = None, at_step: int | None = None) -> e.ControlRecord:
+    return e.ControlRecord(command_id=command_id or uuid.uuid4().hex, experiment_id=experiment_id, kind=kind,
+                           value=float(value), status=e.PENDING, source=source, requested_at=now,
+                           applied_at=None, applied_step=None, old_value=None, new_value=None, message="",
+                           at_step=at_step)
+
+
+def _unsupported(spec_dict: dict, verb: str, value: float) -> str:
+    """Why `verb` cannot apply to this experiment's spec, or '' if it can."""
+    spec = parse_spec(spec_dict, check_model=False)
+    if verb == "set_lr_decay":
+        sched = build_schedule(spec.schedule, base_lr=spec.optimizer.lr, steps_per_epoch=1, epochs=spec.train.epochs)
+        try:
+            sched.set_decay(0, value)
+        except NoDecayFactor as exc:
+            return str(exc)
+        except ValueError:
+            return ""  # range problems were reported as INVALID_ARGUMENT already
+    if verb == "set_ema_decay" and spec.train.ema is None:
+        return "set_ema_decay needs model EMA; this experiment's spec has no train.ema"
+    return ""
+
+
+def _after(event: pb.WatchEvent, sent: dict[int, int]) -> pb.WatchEvent | None:
+    """Drop rows a watcher already got from history (same scope, step <= last sent)."""
+    batch = event.metrics
+    last = sent[batch.scope]
+    if not batch.rows or batch.rows[0].step > last:
+        sent[batch.scope] = max(last, batch.rows[-1].step) if batch.rows else last
+        return event
+    keep = [r for r in batch.rows if r.step > last]
+    if not keep:
+        return None
+    trimmed = pb.MetricBatch(experiment_id=batch.experiment_id, attempt=batch.attempt, seq=batch.seq,
+                             scope=batch.scope, names=batch.names, rows=keep)
+    sent[batch.scope] = keep[-1].step
+    return pb.WatchEvent(metrics=trimmed)

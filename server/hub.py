@@ -1,0 +1,61 @@
+"""Live fan-out of watch events to subscribers.
+
+Every subscriber gets its own bounded queue. Publishing never waits: a subscriber
+whose queue is full is cut off (its stream ends with RESOURCE_EXHAUSTED) instead of
+slowing ingestion or anyone else. Everything here runs on the server's event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from typing import Optional
+
+from trainctl.v1 import trainctl_pb2 as pb
+
+DEFAULT_QUEUE = 4096  # events (each a batch of rows), ~minutes of a fast run
+
+
+class Subscription:
+    def __init__(self, experiment_id: int, maxsize: int):
+        self.experiment_id = experiment_id
+        self.queue: asyncio.Queue[Optional[pb.WatchEvent]] = asyncio.Queue(maxsize)
+        self.overflowed = False
+
+    async def get(self) -> Optional[pb.WatchEvent]:
+        return await self.queue.get()
+
+
+class Hub:
+    def __init__(self, queue_size: int = DEFAULT_QUEUE):
+        self.queue_size = queue_size
+        self._subs: dict[int, set[Subscription]] = defaultdict(set)
+
+    def subscribe(self, experiment_id: int) -> Subscription:
+        sub = Subscription(experiment_id, self.queue_size)
+        self._subs[experiment_id].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        subs = self._subs.get(sub.experiment_id)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self._subs[sub.experiment_id]
+
+    def publish(self, experiment_id: int, event: pb.WatchEvent) -> None:
+        for sub in list(self._subs.get(experiment_id, ())):
+            try:
+                sub.queue.put_nowait(event)
+            except asyncio.QueueFull:
+                self._cut_off(sub)
+
+    def subscriber_count(self) -> int:
+        return sum(len(s) for s in self._subs.values())
+
+    def _cut_off(self, sub: Subscription) -> None:
+        sub.overflowed = True
+        self.unsubscribe(sub)
+        # Make room for the end-of-stream marker so the reader wakes up and stops.
+        while not sub.queue.empty():
+            sub.queue.get_nowait()
+        sub.queue.put_nowait(None)

@@ -1,0 +1,190 @@
+"""The store interface the server programs against.
+
+One implementation exists (`SqlAlchemyStore`, SQLite or PostgreSQL), but services and
+the dispatcher depend only on this class, so tests and alternative back ends can swap
+it. Every method is safe to call from several threads at once and returns plain
+entities (see `entities.py`); errors are the `StoreError` subclasses in `errors.py`.
+
+Fencing: every call a worker's message leads to carries `(experiment_id, attempt)`.
+A call is accepted only from the experiment's live run: `attempt` equals the current
+attempt and the store has not taken the experiment away from that run since (requeue
+after a lease expiry). Anything else raises `StaleAttempt`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+
+from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
+
+
+class AbstractStore(ABC):
+    # ---------------------------------------------------------------- experiments
+
+    @abstractmethod
+    def create_experiment(
+        self,
+        name: str,
+        spec: dict,
+        *,
+        max_restarts: int = 3,
+        gpus: int = 0,
+        replay_of: int | None = None,
+    ) -> Experiment:
+        """Store a new experiment in state QUEUED with attempt 0."""
+
+    @abstractmethod
+    def get_experiment(self, id: int) -> Experiment:
+        """The experiment `id`; NotFound if there is none."""
+
+    @abstractmethod
+    def list_experiments(self, states: Sequence[str] | None = None, limit: int = 100) -> list[Experiment]:
+        """Up to `limit` experiments, newest first, optionally only those in `states`."""
+
+    @abstractmethod
+    def claim_next(self, worker_id: str, free_gpus: int) -> Experiment | None:
+        """Atomically assign the oldest QUEUED experiment needing <= `free_gpus` GPUs.
+
+        It becomes ASSIGNED to `worker_id` with attempt + 1. Returns None when nothing
+        fits. Concurrent callers never get the same experiment.
+        """
+
+    @abstractmethod
+    def transition(
+        self,
+        id: int,
+        attempt: int,
+        state: str,
+        *,
+        message: str = "",
+        summary: dict[str, float] | None = None,
+    ) -> Experiment:
+        """Move the live run to `state` (a worker's StateUpdate).
+
+        Legal: ASSIGNED->RUNNING and ASSIGNED/RUNNING->COMPLETED/FAILED/CANCELLED;
+        repeating the current state is a no-op (a resent message). Sets started_at on
+        the first RUNNING, finished_at on a final state; `message` replaces the stored
+        message and `summary`, when given, the stored summary.
+        Raises StaleAttempt (fenced) or InvalidTransition.
+        """
+
+    @abstractmethod
+    def requeue(self, id: int, attempt: int, reason: str, *, count_restart: bool = True) -> Experiment:
+        """Take the experiment away from run `attempt` (lease expired, worker gave it back).
+
+        Back to QUEUED (restarts + 1 when `count_restart`) while restarts remain,
+        otherwise FAILED with "{reason}; gave up after {max_restarts} restarts".
+        Either way the run is fenced from then on. A graceful hand-back passes
+        `count_restart=False` and is always requeued.
+        """
+
+    @abstractmethod
+    def cancel(self, id: int, reason: str) -> Experiment:
+        """QUEUED/ASSIGNED/RUNNING -> CANCELLED (a client's Cancel); InvalidTransition if final.
+
+        worker_id is kept so the server knows whom to tell to stop.
+        """
+
+    # ---------------------------------------------------------------- metrics
+
+    @abstractmethod
+    def add_metrics(
+        self,
+        experiment_id: int,
+        attempt: int,
+        scope: str,
+        names: Sequence[str],
+        rows: Iterable[tuple[int, int, float, Sequence[float]]],
+    ) -> int:
+        """Store a batch of rows `(step, epoch, wall_time, values)`; values[i] is names[i].
+
+        NaN values are absent and skipped. Idempotent: a point already stored for
+        (experiment, scope, step, name) is only replaced by one from the same or a later
+        attempt (a resumed run recomputing a step). Raises StaleAttempt when fenced.
+        Returns the number of points in the batch (non-NaN values).
+        """
+
+    @abstractmethod
+    def get_metrics(
+        self,
+        id: int,
+        *,
+        scope: str | None = None,
+        names: Sequence[str] | None = None,
+        from_step: int = 0,
+        to_step: int | None = None,
+    ) -> list[MetricSeries]:
+        """Series with from_step <= step <= to_step, ordered by name, scope, step."""
+
+    @abstractmethod
+    def count_metrics(self, id: int) -> int:
+        """Number of points stored for the experiment."""
+
+    @abstractmethod
+    def metric_rows(
+        self,
+        id: int,
+        *,
+        scope: str | None = None,
+        from_step: int = 0,
+        to_step: int | None = None,
+    ) -> list[MetricRow]:
+        """Points regrouped into rows by (scope, step), ordered by step, STEP before EPOCH."""
+
+    # ---------------------------------------------------------------- controls
+
+    @abstractmethod
+    def add_control(self, record: ControlRecord) -> ControlRecord:
+        """Persist a command; if `record.command_id` exists already, return the stored one."""
+
+    @abstractmethod
+    def resolve_control(
+        self,
+        command_id: str,
+        *,
+        status: str,
+        applied_step: int | None = None,
+        old_value: float | None = None,
+        new_value: float | None = None,
+        message: str = "",
+        applied_at: float | None = None,
+    ) -> ControlRecord:
+        """Record the worker's answer to a PENDING command (applied_at defaults to now).
+
+        A command already resolved is returned unchanged: the first answer is the
+        audited one, a duplicate ack must not rewrite it.
+        """
+
+    @abstractmethod
+    def list_controls(self, experiment_id: int, *, status: str | None = None) -> list[ControlRecord]:
+        """The experiment's commands ordered by (applied_step or at_step), requested_at.
+
+        Commands with neither (LIVE and still PENDING) come last.
+        """
+
+    # ---------------------------------------------------------------- workers
+
+    @abstractmethod
+    def upsert_worker(self, id: str, hostname: str, devices: list[dict]) -> Worker:
+        """Register a worker (its Hello) or refresh it; marks it connected, seen now."""
+
+    @abstractmethod
+    def mark_worker(self, id: str, connected: bool) -> Worker:
+        """Set the worker's connected flag and last_seen = now; NotFound if unknown."""
+
+    @abstractmethod
+    def list_workers(self) -> list[Worker]:
+        """Every worker ever seen, ordered by id."""
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; the store must not be used afterwards."""
+
+    def __enter__(self) -> "AbstractStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

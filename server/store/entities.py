@@ -1,0 +1,128 @@
+"""Plain values that come out of the store.
+
+Callers (gRPC services, the dispatcher, tests) only ever see these frozen dataclasses,
+never ORM rows: a row is bound to a session and may lazy-load or expire after the
+session closes, while these are safe to hand across threads and keep around.
+
+Enum-like fields are the proto enum *names* as strings ("RUNNING", "SET_LR", ...), so
+mapping to and from the wire is `pb.ExperimentState.Value(name)` / `.Name(number)`.
+Times are unix seconds (float).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# -- experiment states -------------------------------------------------------------
+
+QUEUED = "QUEUED"
+ASSIGNED = "ASSIGNED"
+RUNNING = "RUNNING"
+COMPLETED = "COMPLETED"
+FAILED = "FAILED"
+CANCELLED = "CANCELLED"
+
+STATES = (QUEUED, ASSIGNED, RUNNING, COMPLETED, FAILED, CANCELLED)
+FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
+# States in which a worker holds the experiment (its lease is live).
+ACTIVE_STATES = frozenset({ASSIGNED, RUNNING})
+
+# -- metric scopes -----------------------------------------------------------------
+
+STEP = "STEP"
+EPOCH = "EPOCH"
+SCOPES = (STEP, EPOCH)
+
+# -- control records ---------------------------------------------------------------
+
+SET_LR = "SET_LR"
+SCALE_LR = "SCALE_LR"
+SET_LR_DECAY = "SET_LR_DECAY"
+SET_EMA_DECAY = "SET_EMA_DECAY"
+SET_WEIGHT_DECAY = "SET_WEIGHT_DECAY"
+CONTROL_KINDS = (SET_LR, SCALE_LR, SET_LR_DECAY, SET_EMA_DECAY, SET_WEIGHT_DECAY)
+
+PENDING = "PENDING"
+APPLIED = "APPLIED"
+REJECTED = "REJECTED"
+CONTROL_STATUSES = (PENDING, APPLIED, REJECTED)
+
+LIVE = "LIVE"
+SCHEDULED = "SCHEDULED"
+REPLAYED = "REPLAYED"
+CONTROL_SOURCES = (LIVE, SCHEDULED, REPLAYED)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    id: int
+    name: str
+    state: str
+    spec: dict
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    # 0 until first claimed; every claim increments it, so (id, attempt) names one run
+    # of the experiment and lets the store refuse messages from an older run.
+    attempt: int
+    worker_id: str | None
+    message: str
+    summary: dict[str, float]
+    last_step: int
+    max_restarts: int
+    restarts: int
+    gpus: int
+    replay_of: int | None
+
+    @property
+    def is_final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+@dataclass(frozen=True)
+class ControlRecord:
+    command_id: str
+    experiment_id: int
+    kind: str
+    value: float
+    status: str = PENDING
+    source: str = LIVE
+    requested_at: float = 0.0
+    applied_at: float | None = None
+    applied_step: int | None = None
+    old_value: float | None = None
+    new_value: float | None = None
+    message: str = ""
+    # SCHEDULED/REPLAYED commands must be applied exactly at this step; None for LIVE.
+    at_step: int | None = None
+
+
+@dataclass(frozen=True)
+class MetricSeries:
+    """One metric over steps (column format, what GetMetrics and plots want)."""
+
+    name: str
+    scope: str
+    steps: list[int] = field(default_factory=list)
+    epochs: list[int] = field(default_factory=list)
+    values: list[float] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MetricRow:
+    """Every metric stored for one (scope, step): what Watch replays as history."""
+
+    scope: str
+    step: int
+    epoch: int
+    wall_time: float
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Worker:
+    id: str
+    hostname: str
+    devices: list[dict]
+    connected: bool
+    last_seen: float

@@ -1,0 +1,573 @@
+"""`AbstractStore` on SQLAlchemy: SQLite by default, PostgreSQL for bigger installs.
+
+Concurrency model
+-----------------
+The gRPC server calls the store from many threads. On SQLite there is one writer at a
+time anyway, so writes are serialised in-process by a lock (no thread ever waits on
+SQLITE_BUSY) and every write transaction starts with `BEGIN IMMEDIATE`, which takes the
+database's write lock up front: a transaction that reads then writes (claim_next) can
+never have its snapshot overtaken by another process's write, and busy_timeout queues
+writers from other processes. WAL mode lets readers run next to that writer, each in a
+plain deferred `BEGIN` (a consistent snapshot).
+
+On PostgreSQL the lock is not used: row locks do the work (`FOR UPDATE SKIP LOCKED` in
+claim_next, the upsert's conflict handling for metrics).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import StaticPool
+
+from . import entities as E
+from .base import AbstractStore
+from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
+from .errors import InvalidTransition, NotFound, SchemaTooNew, StaleAttempt
+from .tables import ControlModel, ExperimentModel, WorkerModel, metrics
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+# How long a SQLite writer in another process waits for the write lock before failing.
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+# Legal worker-driven moves; requeue and cancel have their own rules.
+_TRANSITIONS = {
+    E.ASSIGNED: frozenset({E.RUNNING, E.COMPLETED, E.FAILED, E.CANCELLED}),
+    E.RUNNING: frozenset({E.COMPLETED, E.FAILED, E.CANCELLED}),
+}
+
+
+def alembic_config(url: str) -> Config:
+    """An Alembic Config for the store's migrations (no alembic.ini needed).
+
+    For developers: `alembic.command.revision(alembic_config(url), "msg", autogenerate=True)`.
+    """
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    # ConfigParser interpolates '%', which URL-encoded passwords contain.
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+class SqlAlchemyStore(AbstractStore):
+    def __init__(self, url: str):
+        self.url = url
+        parsed = make_url(url)
+        self._dialect = parsed.get_backend_name()
+        if self._dialect not in ("sqlite", "postgresql"):
+            # The metrics upsert and claim_next's locking are written for these two.
+            raise ValueError(f"unsupported database {self._dialect!r} in {parsed!r}; use sqlite or postgresql")
+
+        in_memory = self._dialect == "sqlite" and parsed.database in (None, "", ":memory:")
+        engine_kw: dict = {}
+        if self._dialect == "sqlite":
+            # Connections are pooled and used from whichever gRPC thread asks.
+            engine_kw["connect_args"] = {"check_same_thread": False}
+            if in_memory:
+                # Every connection to ":memory:" would be a different, empty database.
+                engine_kw["poolclass"] = StaticPool
+        self._engine = create_engine(url, **engine_kw)
+        if self._dialect == "sqlite":
+            _install_sqlite_hooks(self._engine)
+        # Same pool, but a transaction begun through it is a write (BEGIN IMMEDIATE).
+        self._write_engine = self._engine.execution_options(trainctl_write=True)
+
+        if self._dialect == "sqlite":
+            self._write_lock = threading.Lock()
+            # One shared in-memory connection must not be used by two threads at once.
+            self._read_lock = self._write_lock if in_memory else contextlib.nullcontext()
+        else:
+            self._write_lock = self._read_lock = contextlib.nullcontext()
+
+        self._upsert_metrics = _metrics_upsert(self._dialect)
+        try:
+            self._migrate()
+        except BaseException:
+            self._engine.dispose()
+            raise
+
+    # ---------------------------------------------------------------- plumbing
+
+    @contextlib.contextmanager
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
+        """The one way in: a session in a transaction, committed on success, else rolled back."""
+        engine = self._write_engine if write else self._engine
+        with (
+            self._write_lock if write else self._read_lock,
+            Session(engine, expire_on_commit=False) as session,
+            session.begin(),
+        ):
+            yield session
+
+    def _migrate(self) -> None:
+        """Bring the schema to head, refusing a database written by a newer trainctl."""
+        cfg = alembic_config(self.url)
+        script = ScriptDirectory.from_config(cfg)
+        known = {rev.revision for rev in script.walk_revisions()}
+        heads = script.get_heads()
+        # One write transaction for check + upgrade: two processes opening a fresh file
+        # at once run the migration one after the other, the second finds it done.
+        with self._write_lock, self._write_engine.begin() as conn:
+            current = MigrationContext.configure(conn).get_current_heads()
+            for rev in current:
+                if rev not in known:
+                    raise SchemaTooNew(rev, ", ".join(heads))
+            if set(current) != set(heads):
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self._engine.dispose()
+
+    @staticmethod
+    def _experiment_row(s: Session, id: int) -> ExperimentModel:
+        row = s.get(ExperimentModel, id)
+        if row is None:
+            raise NotFound("experiment", id)
+        return row
+
+    @staticmethod
+    def _check_live(id: int, attempt: int, current_attempt: int, worker_id: str | None) -> None:
+        """Fencing: only the experiment's current, still-assigned run may act on it."""
+        if attempt != current_attempt:
+            raise StaleAttempt(id, attempt, current_attempt)
+        # requeue keeps the attempt number (the next claim bumps it) but drops the
+        # worker, so "same attempt, no worker" is a run whose lease was revoked.
+        if worker_id is None:
+            raise StaleAttempt(id, attempt, current_attempt, revoked=True)
+
+    # ---------------------------------------------------------------- experiments
+
+    def create_experiment(self, name, spec, *, max_restarts=3, gpus=0, replay_of=None) -> Experiment:
+        with self._session(write=True) as s:
+            if replay_of is not None:
+                self._experiment_row(s, replay_of)
+            row = ExperimentModel(
+                name=name,
+                state=E.QUEUED,
+                spec=spec,
+                created_at=time.time(),
+                attempt=0,
+                message="",
+                summary={},
+                last_step=0,
+                max_restarts=max_restarts,
+                restarts=0,
+                gpus=gpus,
+                replay_of=replay_of,
+            )
+            s.add(row)
+            s.flush()  # assigns the id
+            return _experiment(row)
+
+    def get_experiment(self, id) -> Experiment:
+        with self._session() as s:
+            return _experiment(self._experiment_row(s, id))
+
+    def list_experiments(self, states=None, limit=100) -> list[Experiment]:
+        stmt = select(ExperimentModel).order_by(ExperimentModel.id.desc()).limit(limit if limit > 0 else 100)
+        if states:
+            stmt = stmt.where(ExperimentModel.state.in_(list(states)))
+        with self._session() as s:
+            return [_experiment(row) for row in s.scalars(stmt)]
+
+    def claim_next(self, worker_id, free_gpus) -> Experiment | None:
+        stmt = (
+            select(ExperimentModel)
+            .where(ExperimentModel.state == E.QUEUED, ExperimentModel.gpus <= free_gpus)
+            .order_by(ExperimentModel.id)
+            .limit(1)
+            # PostgreSQL: concurrent claimers skip each other's candidate instead of
+            # queueing on it. SQLite renders nothing here; BEGIN IMMEDIATE covers it.
+            .with_for_update(skip_locked=True)
+        )
+        with self._session(write=True) as s:
+            row = s.scalars(stmt).first()
+            if row is None:
+                return None
+            row.state = E.ASSIGNED
+            row.attempt += 1
+            row.worker_id = worker_id
+            return _experiment(row)
+
+    def transition(self, id, attempt, state, *, message="", summary=None) -> Experiment:
+        with self._session(write=True) as s:
+            row = self._experiment_row(s, id)
+            self._check_live(id, attempt, row.attempt, row.worker_id)
+            if state == row.state:
+                # A worker resending its last StateUpdate (after a reconnect) is harmless.
+                return _experiment(row)
+            if state not in _TRANSITIONS.get(row.state, ()):
+                raise InvalidTransition(id, row.state, state)
+            now = time.time()
+            row.state = state
+            row.message = message
+            if state == E.RUNNING and row.started_at is None:
+                # started_at is when the experiment first ran; a resumed attempt keeps it.
+                row.started_at = now
+            if state in E.FINAL_STATES:
+                row.finished_at = now
+            if summary is not None:
+                row.summary = {k: float(v) for k, v in summary.items()}
+            return _experiment(row)
+
+    def requeue(self, id, attempt, reason, *, count_restart=True) -> Experiment:
+        with self._session(write=True) as s:
+            row = self._experiment_row(s, id)
+            self._check_live(id, attempt, row.attempt, row.worker_id)
+            if row.state not in E.ACTIVE_STATES:
+                raise InvalidTransition(id, row.state, E.QUEUED)
+            row.worker_id = None  # fences this attempt from now on
+            if not count_restart:
+                row.state = E.QUEUED
+                row.message = reason
+            elif row.restarts < row.max_restarts:
+                row.state = E.QUEUED
+                row.restarts += 1
+                row.message = reason
+            else:
+                row.state = E.FAILED
+                row.finished_at = time.time()
+                row.message = f"{reason}; gave up after {row.max_restarts} restarts"
+            return _experiment(row)
+
+    def cancel(self, id, reason) -> Experiment:
+        with self._session(write=True) as s:
+            row = self._experiment_row(s, id)
+            if row.state in E.FINAL_STATES:
+                raise InvalidTransition(id, row.state, E.CANCELLED)
+            row.state = E.CANCELLED
+            row.finished_at = time.time()
+            row.message = reason
+            return _experiment(row)
+
+    # ---------------------------------------------------------------- metrics
+
+    def add_metrics(self, experiment_id, attempt, scope, names, rows) -> int:
+        if scope not in E.SCOPES:
+            raise ValueError(f"scope must be one of {E.SCOPES}, got {scope!r}")
+        names = list(names)
+        # Built before taking the write lock: this loop is most of the call's CPU time.
+        params = []
+        max_step = None
+        for step, epoch, wall_time, values in rows:
+            if len(values) != len(names):
+                raise ValueError(f"step {step}: {len(values)} values for {len(names)} names")
+            stored = False
+            for name, value in zip(names, values):
+                if value != value:  # NaN marks "not logged at this step"
+                    continue
+                params.append(
+                    {
+                        "experiment_id": experiment_id,
+                        "scope": scope,
+                        "step": step,
+                        "epoch": epoch,
+                        "name": name,
+                        "value": value,
+                        "wall_time": wall_time,
+                        "attempt": attempt,
+                    }
+                )
+                stored = True
+            if stored and (max_step is None or step > max_step):
+                max_step = step
+
+        with self._session(write=True) as s:
+            current = s.execute(
+                select(ExperimentModel.attempt, ExperimentModel.worker_id).where(ExperimentModel.id == experiment_id)
+            ).first()
+            if current is None:
+                raise NotFound("experiment", experiment_id)
+            self._check_live(experiment_id, attempt, *current)
+            if not params:
+                return 0
+            conn = s.connection()
+            conn.execute(self._upsert_metrics, params)  # executemany
+            conn.execute(
+                update(ExperimentModel.__table__)
+                .where(ExperimentModel.id == experiment_id, ExperimentModel.last_step < max_step)
+                .values(last_step=max_step)
+            )
+        return len(params)
+
+    def get_metrics(self, id, *, scope=None, names=None, from_step=0, to_step=None) -> list[MetricSeries]:
+        m = metrics.c
+        stmt = (
+            select(m.name, m.scope, m.step, m.epoch, m.value)
+            .where(*self._metric_filter(id, scope, from_step, to_step))
+            .order_by(m.name, m.scope, m.step)
+        )
+        if names:
+            stmt = stmt.where(m.name.in_(list(names)))
+        series: list[MetricSeries] = []
+        key = None
+        with self._session() as s:
+            self._experiment_row(s, id)
+            for name, sc, step, epoch, value in s.connection().execute(stmt):
+                if (name, sc) != key:
+                    key = (name, sc)
+                    cur = MetricSeries(name=name, scope=sc)
+                    series.append(cur)
+                    steps, epochs, values = cur.steps, cur.epochs, cur.values
+                steps.append(step)
+                epochs.append(epoch)
+                values.append(value)
+        return series
+
+    def count_metrics(self, id) -> int:
+        with self._session() as s:
+            self._experiment_row(s, id)
+            return s.execute(select(func.count()).select_from(metrics).where(metrics.c.experiment_id == id)).scalar_one()
+
+    def metric_rows(self, id, *, scope=None, from_step=0, to_step=None) -> list[MetricRow]:
+        m = metrics.c
+        stmt = (
+            select(m.scope, m.step, m.epoch, m.wall_time, m.name, m.value)
+            .where(*self._metric_filter(id, scope, from_step, to_step))
+            # Only by step, which the (experiment_id, step) index yields without a sort
+            # (ordering by scope too costs SQLite a temp B-tree, ~40% more at 1M points);
+            # the scopes of one step are put in order below.
+            .order_by(m.step)
+        )
+        out: list[MetricRow] = []
+        at_step: dict[str, MetricRow] = {}  # the rows of the step being read, by scope
+        current = None
+        with self._session() as s:
+            self._experiment_row(s, id)
+            for sc, step, epoch, wall_time, name, value in s.connection().execute(stmt):
+                if step != current:
+                    out.extend(_step_before_epoch(at_step))
+                    at_step = {}
+                    current = step
+                row = at_step.get(sc)
+                if row is None:
+                    row = at_step[sc] = MetricRow(scope=sc, step=step, epoch=epoch, wall_time=wall_time, values={})
+                row.values[name] = value
+        out.extend(_step_before_epoch(at_step))
+        return out
+
+    @staticmethod
+    def _metric_filter(id, scope, from_step, to_step) -> list:
+        m = metrics.c
+        where = [m.experiment_id == id]
+        if scope:
+            where.append(m.scope == scope)
+        if from_step:
+            # Only when it filters something: a needless range on step tempts SQLite
+            # into the (experiment_id, step) index and a sort for get_metrics.
+            where.append(m.step >= from_step)
+        if to_step is not None:
+            where.append(m.step <= to_step)  # inclusive
+        return where
+
+    # ---------------------------------------------------------------- controls
+
+    def add_control(self, record) -> ControlRecord:
+        _check_one_of("kind", record.kind, E.CONTROL_KINDS)
+        _check_one_of("status", record.status, E.CONTROL_STATUSES)
+        _check_one_of("source", record.source, E.CONTROL_SOURCES)
+        try:
+            with self._session(write=True) as s:
+                existing = s.get(ControlModel, record.command_id)
+                if existing is not None:
+                    return _control(existing)
+                self._experiment_row(s, record.experiment_id)
+                row = ControlModel(
+                    command_id=record.command_id,
+                    experiment_id=record.experiment_id,
+                    kind=record.kind,
+                    value=record.value,
+                    status=record.status,
+                    source=record.source,
+                    requested_at=record.requested_at or time.time(),
+                    applied_at=record.applied_at,
+                    applied_step=record.applied_step,
+                    old_value=record.old_value,
+                    new_value=record.new_value,
+                    message=record.message,
+                    at_step=record.at_step,
+                )
+                s.add(row)
+                return _control(row)
+        except IntegrityError:
+            # PostgreSQL only (SQLite writes are serialised): a concurrent retry with the
+            # same command_id committed first; answer with its record.
+            with self._session() as s:
+                existing = s.get(ControlModel, record.command_id)
+                if existing is None:
+                    raise
+                return _control(existing)
+
+    def resolve_control(
+        self, command_id, *, status, applied_step=None, old_value=None, new_value=None, message="", applied_at=None
+    ) -> ControlRecord:
+        _check_one_of("status", status, (E.APPLIED, E.REJECTED))
+        with self._session(write=True) as s:
+            row = s.get(ControlModel, command_id)
+            if row is None:
+                raise NotFound("control command", command_id)
+            if row.status != E.PENDING:
+                return _control(row)
+            row.status = status
+            row.applied_step = applied_step
+            row.old_value = old_value
+            row.new_value = new_value
+            row.message = message
+            row.applied_at = applied_at if applied_at is not None else time.time()
+            return _control(row)
+
+    def list_controls(self, experiment_id, *, status=None) -> list[ControlRecord]:
+        c = ControlModel
+        stmt = (
+            select(c)
+            .where(c.experiment_id == experiment_id)
+            .order_by(func.coalesce(c.applied_step, c.at_step).nulls_last(), c.requested_at, c.command_id)
+        )
+        if status:
+            stmt = stmt.where(c.status == status)
+        with self._session() as s:
+            self._experiment_row(s, experiment_id)
+            return [_control(row) for row in s.scalars(stmt)]
+
+    # ---------------------------------------------------------------- workers
+
+    def upsert_worker(self, id, hostname, devices) -> Worker:
+        with self._session(write=True) as s:
+            row = s.get(WorkerModel, id)
+            if row is None:
+                row = WorkerModel(id=id)
+                s.add(row)
+            row.hostname = hostname
+            row.devices = list(devices)
+            row.connected = True
+            row.last_seen = time.time()
+            return _worker(row)
+
+    def mark_worker(self, id, connected) -> Worker:
+        with self._session(write=True) as s:
+            row = s.get(WorkerModel, id)
+            if row is None:
+                raise NotFound("worker", id)
+            row.connected = connected
+            row.last_seen = time.time()
+            return _worker(row)
+
+    def list_workers(self) -> list[Worker]:
+        with self._session() as s:
+            return [_worker(row) for row in s.scalars(select(WorkerModel).order_by(WorkerModel.id))]
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def _install_sqlite_hooks(engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record):
+        # Take transaction control away from the sqlite3 module (which would BEGIN
+        # lazily, and always DEFERRED) so the "begin" hook below decides.
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+        cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; fsync per checkpoint, not per commit
+        cur.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite
+        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn):
+        write = conn.get_execution_options().get("trainctl_write", False)
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+def _metrics_upsert(dialect: str):
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:
+        from sqlalchemy.dialects.postgresql import insert
+    stmt = insert(metrics)
+    return stmt.on_conflict_do_update(
+        index_elements=[metrics.c.experiment_id, metrics.c.name, metrics.c.scope, metrics.c.step],
+        set_={
+            "epoch": stmt.excluded.epoch,
+            "value": stmt.excluded.value,
+            "wall_time": stmt.excluded.wall_time,
+            "attempt": stmt.excluded.attempt,
+        },
+        # A resumed run (later attempt) recomputed this step: its value wins. A late
+        # batch from an older attempt never overwrites a newer one.
+        where=stmt.excluded.attempt >= metrics.c.attempt,
+    )
+
+
+def _step_before_epoch(rows_by_scope: dict[str, MetricRow]) -> list[MetricRow]:
+    # The step row comes before the epoch row that ends at the same step: the order a
+    # live stream produces them in, so Watch history and live events look alike.
+    return [rows_by_scope[scope] for scope in E.SCOPES if scope in rows_by_scope]
+
+
+def _check_one_of(field: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
+
+
+def _experiment(row: ExperimentModel) -> Experiment:
+    return Experiment(
+        id=row.id,
+        name=row.name,
+        state=row.state,
+        spec=row.spec,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        attempt=row.attempt,
+        worker_id=row.worker_id,
+        message=row.message,
+        summary=dict(row.summary or {}),
+        last_step=row.last_step,
+        max_restarts=row.max_restarts,
+        restarts=row.restarts,
+        gpus=row.gpus,
+        replay_of=row.replay_of,
+    )
+
+
+def _control(row: ControlModel) -> ControlRecord:
+    return ControlRecord(
+        command_id=row.command_id,
+        experiment_id=row.experiment_id,
+        kind=row.kind,
+        value=row.value,
+        status=row.status,
+        source=row.source,
+        requested_at=row.requested_at,
+        applied_at=row.applied_at,
+        applied_step=row.applied_step,
+        old_value=row.old_value,
+        new_value=row.new_value,
+        message=row.message,
+        at_step=row.at_step,
+    )
+
+
+def _worker(row: WorkerModel) -> Worker:
+    return Worker(
+        id=row.id,
+        hostname=row.hostname,
+        devices=list(row.devices or []),
+        connected=bool(row.connected),
+        last_seen=row.last_seen,
+    )

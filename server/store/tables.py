@@ -1,0 +1,124 @@
+"""Database schema: ORM models for the small tables, a Core table for metrics.
+
+This module describes the schema the code expects; the schema itself is created and
+evolved only by the Alembic migrations in `migrations/versions/`. When you change a
+model here, add a migration (and keep the two in step: a test compares them).
+
+Constraint names come from the naming convention below rather than the database's
+defaults, so a later migration can drop or alter them by a name that is the same on
+SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Base(DeclarativeBase):
+    metadata = metadata
+
+
+class ExperimentModel(Base):
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(256))
+    # Proto enum names; short strings keep the database readable with the sqlite3 CLI.
+    state: Mapped[str] = mapped_column(String(16))
+    spec: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Double)
+    started_at: Mapped[float | None] = mapped_column(Double)
+    finished_at: Mapped[float | None] = mapped_column(Double)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    worker_id: Mapped[str | None] = mapped_column(String(256))
+    message: Mapped[str] = mapped_column(Text, default="")
+    summary: Mapped[dict] = mapped_column(JSON, default=dict)
+    last_step: Mapped[int] = mapped_column(BigInteger, default=0)
+    max_restarts: Mapped[int] = mapped_column(Integer, default=3)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)
+    gpus: Mapped[int] = mapped_column(Integer, default=0)
+    replay_of: Mapped[int | None] = mapped_column(ForeignKey("experiments.id", ondelete="SET NULL"))
+
+    __table_args__ = (
+        # claim_next scans QUEUED experiments oldest first; list filters by state.
+        Index(None, "state", "id"),
+    )
+
+
+class ControlModel(Base):
+    __tablename__ = "controls"
+
+    # Client-chosen (or server-generated) id: the key that makes retries idempotent.
+    command_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    value: Mapped[float] = mapped_column(Double)
+    status: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str] = mapped_column(String(16))
+    requested_at: Mapped[float] = mapped_column(Double)
+    applied_at: Mapped[float | None] = mapped_column(Double)
+    applied_step: Mapped[int | None] = mapped_column(BigInteger)
+    old_value: Mapped[float | None] = mapped_column(Double)
+    new_value: Mapped[float | None] = mapped_column(Double)
+    message: Mapped[str] = mapped_column(Text, default="")
+    at_step: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class WorkerModel(Base):
+    __tablename__ = "workers"
+
+    id: Mapped[str] = mapped_column(String(256), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(256))
+    devices: Mapped[list] = mapped_column(JSON, default=list)
+    connected: Mapped[bool] = mapped_column(Boolean, default=False)
+    last_seen: Mapped[float] = mapped_column(Double)
+
+
+# Metrics are written in bulk through Core (executemany upserts) and read as columns,
+# never as ORM objects, so they are a plain Table: one row per (experiment, scope,
+# step, name), "long" format, so a run may log any set of names at any step.
+metrics = Table(
+    "metrics",
+    metadata,
+    Column("experiment_id", ForeignKey("experiments.id", ondelete="CASCADE"), nullable=False),
+    Column("scope", String(8), nullable=False),
+    Column("step", BigInteger, nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("value", Double, nullable=False),
+    Column("wall_time", Double, nullable=False),
+    # Which run wrote the point: a later attempt (resumed from a checkpoint) replaces an
+    # earlier one's value for the same step, an earlier one never replaces a later one.
+    Column("attempt", Integer, nullable=False),
+    # The natural key is the primary key (no surrogate id): it is the upsert's conflict
+    # target, and its column order (experiment, name, scope, step) is exactly the order
+    # get_metrics reads series in, so that read is one index range scan, no sort.
+    PrimaryKeyConstraint("experiment_id", "name", "scope", "step"),
+    # Watch history / metric_rows read every name of a step range, ordered by step.
+    Index(None, "experiment_id", "step"),
+)

@@ -1,0 +1,369 @@
+"""The store against a real SQLite file (no mocks): lifecycle, fencing, metrics,
+controls, workers, migrations and the SQLite settings the server relies on."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+
+import pytest
+
+from trainctl.server.store import (
+    ControlRecord,
+    InvalidTransition,
+    NotFound,
+    SchemaTooNew,
+    SqlAlchemyStore,
+    StaleAttempt,
+    open_store,
+)
+
+NAN = float("nan")
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return tmp_path / "trainctl.db"
+
+
+@pytest.fixture
+def store(db_path):
+    s = open_store(f"sqlite:///{db_path}")
+    yield s
+    s.close()
+
+
+def running(store, name="exp", **kw):
+    """An experiment claimed by worker w1 and RUNNING (attempt 1)."""
+    exp = store.create_experiment(name, {"model": {"name": "resnet10t"}}, **kw)
+    claimed = store.claim_next("w1", free_gpus=8)
+    assert claimed.id == exp.id
+    return store.transition(exp.id, claimed.attempt, "RUNNING")
+
+
+# ---------------------------------------------------------------- experiments
+
+
+def test_create_get_list(store):
+    a = store.create_experiment("a", {"lr": 0.1}, max_restarts=5, gpus=2)
+    b = store.create_experiment("b", {}, replay_of=a.id)
+    assert (a.state, a.attempt, a.worker_id, a.restarts, a.last_step) == ("QUEUED", 0, None, 0, 0)
+    assert (a.max_restarts, a.gpus, a.spec, a.summary, a.is_final) == (5, 2, {"lr": 0.1}, {}, False)
+    assert b.replay_of == a.id
+    assert store.get_experiment(a.id) == a
+    assert [e.id for e in store.list_experiments()] == [b.id, a.id]  # newest first
+    assert [e.id for e in store.list_experiments(limit=1)] == [b.id]
+    store.cancel(a.id, "no")
+    assert [e.id for e in store.list_experiments(states=["CANCELLED"])] == [a.id]
+    assert [e.id for e in store.list_experiments(states=["QUEUED", "RUNNING"])] == [b.id]
+
+
+def test_not_found_names_the_id(store):
+    with pytest.raises(NotFound, match=r"^experiment 7 not found$"):
+        store.get_experiment(7)
+    with pytest.raises(NotFound, match="experiment 7 not found"):
+        store.get_metrics(7)
+    with pytest.raises(NotFound, match="control command nope not found"):
+        store.resolve_control("nope", status="APPLIED")
+
+
+def test_claim_is_fifo_and_respects_gpus(store):
+    big = store.create_experiment("big", {}, gpus=4)
+    small1 = store.create_experiment("small1", {}, gpus=1)
+    small2 = store.create_experiment("small2", {}, gpus=0)
+
+    got = store.claim_next("w1", free_gpus=1)
+    assert (got.id, got.state, got.attempt, got.worker_id) == (small1.id, "ASSIGNED", 1, "w1")
+    assert store.claim_next("w2", free_gpus=0).id == small2.id
+    assert store.claim_next("w2", free_gpus=3) is None  # big needs 4
+    assert store.claim_next("w3", free_gpus=4).id == big.id
+    assert store.claim_next("w3", free_gpus=8) is None
+
+
+def test_concurrent_claims_take_each_experiment_once(db_path, store):
+    ids = [store.create_experiment(f"e{i}", {}).id for i in range(60)]
+    # Two store objects on one file behave like two server processes: no shared
+    # in-process lock, only SQLite's BEGIN IMMEDIATE keeps them apart.
+    other = SqlAlchemyStore(f"sqlite:///{db_path}")
+    claimed: list[tuple[str, int]] = []
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def worker(n):
+        s = store if n % 2 else other
+        try:
+            start.wait()
+            while (exp := s.claim_next(f"w{n}", free_gpus=0)) is not None:
+                claimed.append((exp.worker_id, exp.id))
+        except BaseException as e:  # surfaced below; a thread's exception is otherwise lost
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    other.close()
+
+    assert not errors
+    assert sorted(i for _, i in claimed) == ids
+    for worker_id, id in claimed:
+        exp = store.get_experiment(id)
+        assert (exp.state, exp.attempt, exp.worker_id) == ("ASSIGNED", 1, worker_id)
+
+
+def test_transitions(store):
+    exp = store.create_experiment("e", {})
+    with pytest.raises(StaleAttempt):  # never claimed: no live run to speak for it
+        store.transition(exp.id, 0, "RUNNING")
+    store.claim_next("w1", 0)
+    run = store.transition(exp.id, 1, "RUNNING")
+    assert run.state == "RUNNING" and run.started_at is not None and run.finished_at is None
+    assert store.transition(exp.id, 1, "RUNNING") == run  # resent update: no-op
+    with pytest.raises(InvalidTransition, match=rf"^experiment {exp.id} is RUNNING; cannot move to QUEUED$"):
+        store.transition(exp.id, 1, "QUEUED")
+
+    done = store.transition(exp.id, 1, "COMPLETED", message="ok", summary={"val_top1": 0.9, "steps": 100})
+    assert done.is_final and done.finished_at >= done.started_at
+    assert (done.message, done.summary) == ("ok", {"val_top1": 0.9, "steps": 100.0})
+    with pytest.raises(InvalidTransition, match=rf"experiment {exp.id} is COMPLETED; cannot move to RUNNING"):
+        store.transition(exp.id, 1, "RUNNING")
+    with pytest.raises(InvalidTransition, match="is COMPLETED; cannot move to CANCELLED"):
+        store.cancel(exp.id, "too late")
+
+    # ASSIGNED may fail straight away (bad spec on the worker).
+    other = store.create_experiment("f", {})
+    store.claim_next("w1", 0)
+    assert store.transition(other.id, 1, "FAILED", message="boom").state == "FAILED"
+
+
+def test_cancel(store):
+    queued = store.create_experiment("q", {})
+    c = store.cancel(queued.id, "user asked")
+    assert (c.state, c.message, c.is_final) == ("CANCELLED", "user asked", True)
+    run = running(store)
+    c = store.cancel(run.id, "stop")
+    assert c.worker_id == "w1"  # kept: the server must tell that worker to stop
+    # The worker's acknowledgement of the cancel is accepted as a no-op.
+    assert store.transition(run.id, 1, "CANCELLED").state == "CANCELLED"
+
+
+def test_fencing(store):
+    run = running(store)
+    with pytest.raises(StaleAttempt, match=rf"^experiment {run.id}: attempt 2 is fenced \(current attempt 1\)$"):
+        store.transition(run.id, 2, "COMPLETED")
+    store.requeue(run.id, 1, "lease expired")
+    # Same attempt number, but its lease was revoked: still fenced.
+    with pytest.raises(StaleAttempt, match=rf"experiment {run.id}: attempt 1 is fenced"):
+        store.add_metrics(run.id, 1, "STEP", ["loss"], [(1, 0, 0.0, [1.0])])
+    with pytest.raises(StaleAttempt):
+        store.transition(run.id, 1, "RUNNING")
+    again = store.claim_next("w2", 0)
+    assert again.attempt == 2
+    with pytest.raises(StaleAttempt, match=r"attempt 1 is fenced \(current attempt 2\)"):
+        store.transition(run.id, 1, "COMPLETED")
+    assert store.transition(run.id, 2, "RUNNING").started_at == run.started_at  # first start kept
+
+
+def test_requeue_counts_restarts_then_gives_up(store):
+    exp = running(store, max_restarts=2)
+    for attempt in (1, 2):
+        r = store.requeue(exp.id, attempt, "lease expired")
+        assert (r.state, r.restarts, r.worker_id, r.attempt) == ("QUEUED", attempt, None, attempt)
+        assert store.claim_next("w1", 0).attempt == attempt + 1
+
+    # A graceful hand-back (worker SIGTERM) does not use up a restart.
+    r = store.requeue(exp.id, 3, "worker shutting down", count_restart=False)
+    assert (r.state, r.restarts) == ("QUEUED", 2)
+    store.claim_next("w1", 0)
+
+    failed = store.requeue(exp.id, 4, "lease expired")
+    assert failed.state == "FAILED" and failed.is_final
+    assert failed.message == "lease expired; gave up after 2 restarts"
+    with pytest.raises(StaleAttempt):  # the run that lost its lease stays fenced
+        store.transition(exp.id, 4, "COMPLETED")
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_add_metrics_idempotent_and_skips_nan(store):
+    exp = running(store)
+    names = ["loss", "lr"]
+    rows = [(1, 0, 10.0, [2.0, 0.1]), (2, 0, 11.0, [1.5, NAN]), (3, 0, 12.0, [NAN, NAN])]
+    assert store.add_metrics(exp.id, 1, "STEP", names, rows) == 3
+    assert store.add_metrics(exp.id, 1, "STEP", names, rows) == 3  # resent batch
+    assert store.count_metrics(exp.id) == 3
+    # last_step counts stored points only; the all-NaN row at step 3 stored nothing.
+    assert store.get_experiment(exp.id).last_step == 2
+    store.add_metrics(exp.id, 1, "EPOCH", ["val_top1"], [(2, 0, 12.0, [0.5])])
+    assert store.count_metrics(exp.id) == 4
+    assert store.add_metrics(exp.id, 1, "STEP", names, []) == 0
+    with pytest.raises(ValueError, match="scope"):
+        store.add_metrics(exp.id, 1, "BATCH", names, rows)
+
+
+def test_later_attempt_replaces_points(store):
+    exp = running(store)
+    store.add_metrics(exp.id, 1, "STEP", ["loss"], [(1, 0, 1.0, [3.0]), (2, 0, 2.0, [2.0])])
+    store.requeue(exp.id, 1, "lease expired")
+    store.claim_next("w2", 0)
+    # Resumed from a checkpoint at step 1: step 2 is recomputed, step 3 is new.
+    store.add_metrics(exp.id, 2, "STEP", ["loss"], [(2, 0, 5.0, [2.5]), (3, 0, 6.0, [1.0])])
+    (loss,) = store.get_metrics(exp.id)
+    assert (loss.steps, loss.values) == ([1, 2, 3], [3.0, 2.5, 1.0])
+    assert store.count_metrics(exp.id) == 3
+    assert store.get_experiment(exp.id).last_step == 3
+    with pytest.raises(StaleAttempt, match="attempt 1 is fenced"):
+        store.add_metrics(exp.id, 1, "STEP", ["loss"], [(2, 0, 9.0, [9.0])])
+
+
+def test_get_metrics_filters(store):
+    exp = running(store)
+    store.add_metrics(
+        exp.id, 1, "STEP", ["loss", "lr"], [(s, s // 10, float(s), [1.0 / s, 0.1]) for s in range(1, 31)]
+    )
+    store.add_metrics(exp.id, 1, "EPOCH", ["loss", "val_top1"], [(10, 0, 10.0, [0.5, 0.3]), (20, 1, 20.0, [0.4, 0.6])])
+
+    series = store.get_metrics(exp.id)
+    assert [(s.name, s.scope, len(s.steps)) for s in series] == [
+        ("loss", "EPOCH", 2),
+        ("loss", "STEP", 30),
+        ("lr", "STEP", 30),
+        ("val_top1", "EPOCH", 2),
+    ]
+    assert series[1].steps == list(range(1, 31)) and series[1].epochs[:11] == [0] * 9 + [1, 1]
+
+    (lr,) = store.get_metrics(exp.id, names=["lr"], from_step=5, to_step=8)
+    assert (lr.steps, lr.values) == ([5, 6, 7, 8], [0.1] * 4)  # to_step is inclusive
+    epoch = store.get_metrics(exp.id, scope="EPOCH", from_step=15)
+    assert [(s.name, s.steps, s.epochs, s.values) for s in epoch] == [
+        ("loss", [20], [1], [0.4]),
+        ("val_top1", [20], [1], [0.6]),
+    ]
+    assert store.get_metrics(exp.id, names=["nope"]) == []
+
+
+def test_metric_rows_groups_by_scope_and_step(store):
+    exp = running(store)
+    store.add_metrics(exp.id, 1, "EPOCH", ["val_top1"], [(2, 0, 3.0, [0.5])])
+    store.add_metrics(exp.id, 1, "STEP", ["loss", "lr"], [(1, 0, 1.0, [2.0, 0.1]), (2, 0, 2.0, [1.0, NAN])])
+    store.add_metrics(exp.id, 1, "STEP", ["loss", "lr"], [(3, 1, 4.0, [0.5, 0.05])])
+
+    rows = store.metric_rows(exp.id)
+    assert [(r.scope, r.step, r.epoch, r.wall_time, r.values) for r in rows] == [
+        ("STEP", 1, 0, 1.0, {"loss": 2.0, "lr": 0.1}),
+        ("STEP", 2, 0, 2.0, {"loss": 1.0}),
+        ("EPOCH", 2, 0, 3.0, {"val_top1": 0.5}),  # after the step row of the same step
+        ("STEP", 3, 1, 4.0, {"loss": 0.5, "lr": 0.05}),
+    ]
+    assert [(r.scope, r.step) for r in store.metric_rows(exp.id, from_step=2, to_step=2)] == [
+        ("STEP", 2),
+        ("EPOCH", 2),
+    ]
+    assert [(r.scope, r.step) for r in store.metric_rows(exp.id, scope="EPOCH")] == [("EPOCH", 2)]
+
+
+# ---------------------------------------------------------------- controls
+
+
+def test_controls_add_resolve_list(store):
+    exp = running(store)
+    live = store.add_control(ControlRecord("c-live", exp.id, "SET_LR", 0.01))
+    assert (live.status, live.source, live.applied_step) == ("PENDING", "LIVE", None)
+    assert live.requested_at > 0
+    # A client retrying with the same command_id gets the original record back.
+    assert store.add_control(ControlRecord("c-live", exp.id, "SET_LR", 0.5)) == live
+    store.add_control(
+        ControlRecord("c-sched", exp.id, "SET_LR_DECAY", 0.5, source="SCHEDULED", requested_at=1.0, at_step=50)
+    )
+    store.add_control(ControlRecord("c-pending", exp.id, "SET_EMA_DECAY", 0.999, requested_at=2.0))
+
+    applied = store.resolve_control("c-live", status="APPLIED", applied_step=20, old_value=0.1, new_value=0.01)
+    assert (applied.status, applied.applied_step, applied.old_value, applied.new_value) == ("APPLIED", 20, 0.1, 0.01)
+    assert applied.applied_at is not None
+    # A duplicate ack does not rewrite the audited answer.
+    assert store.resolve_control("c-live", status="REJECTED", message="late") == applied
+
+    # By (applied_step or at_step), then requested_at; not yet placed ones last.
+    assert [c.command_id for c in store.list_controls(exp.id)] == ["c-live", "c-sched", "c-pending"]
+    assert [c.command_id for c in store.list_controls(exp.id, status="PENDING")] == ["c-sched", "c-pending"]
+
+    with pytest.raises(ValueError, match="kind"):
+        store.add_control(ControlRecord("bad", exp.id, "SET_MOMENTUM", 0.9))
+    with pytest.raises(NotFound, match="experiment 999 not found"):
+        store.add_control(ControlRecord("c-x", 999, "SET_LR", 0.1))
+
+
+# ---------------------------------------------------------------- workers
+
+
+def test_workers(store):
+    w = store.upsert_worker("w1", "host-a", [{"kind": "cuda", "index": 0, "name": "H100"}])
+    assert (w.hostname, w.connected, w.devices[0]["name"]) == ("host-a", True, "H100")
+    store.upsert_worker("w0", "host-b", [])
+    assert store.mark_worker("w1", False).connected is False
+    assert [(x.id, x.connected) for x in store.list_workers()] == [("w0", True), ("w1", False)]
+    assert store.upsert_worker("w1", "host-c", []).connected is True
+    with pytest.raises(NotFound, match="worker ghost not found"):
+        store.mark_worker("ghost", True)
+
+
+# ---------------------------------------------------------------- database
+
+
+def test_fresh_db_is_at_head_and_matches_models(store, db_path):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from trainctl.server.store.sqlalchemy_store import alembic_config
+    from trainctl.server.store.tables import metadata
+
+    heads = ScriptDirectory.from_config(alembic_config(f"sqlite:///{db_path}")).get_heads()
+    with sqlite3.connect(db_path) as conn:
+        assert [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")] == heads
+    # The migrations and tables.py describe the same schema.
+    with store._engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
+
+
+def test_newer_schema_is_refused(db_path):
+    open_store(f"sqlite:///{db_path}").close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '0099_future'")
+    with pytest.raises(SchemaTooNew, match=r"revision 0099_future is newer than this trainctl knows \(head 0001\)"):
+        open_store(f"sqlite:///{db_path}")
+
+
+def test_sqlite_settings(store, db_path):
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with store._engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+
+
+def test_data_survives_reopen(db_path):
+    s = open_store(str(db_path))  # a bare path means a SQLite file
+    exp = running(s)
+    s.add_metrics(exp.id, 1, "STEP", ["loss"], [(1, 0, 1.0, [math.pi])])
+    s.add_control(ControlRecord("c1", exp.id, "SCALE_LR", 0.5))
+    s.upsert_worker("w1", "h", [])
+    before = s.get_experiment(exp.id)
+    s.close()
+
+    s = open_store(f"sqlite:///{db_path}")
+    assert s.get_experiment(exp.id) == before
+    assert s.get_metrics(exp.id)[0].values == [math.pi]
+    assert s.list_controls(exp.id)[0].command_id == "c1"
+    assert [w.id for w in s.list_workers()] == ["w1"]
+    s.close()
+
+
+def test_in_memory_store():
+    with open_store("sqlite://") as s:
+        exp = running(s)
+        assert s.add_metrics(exp.id, 1, "STEP", ["loss"], [(1, 0, 1.0, [1.0])]) == 1
+        assert s.count_metrics(exp.id) == 1

@@ -1,0 +1,241 @@
+"""The experiment spec, typed once.
+
+YAML for people, a `google.protobuf.Struct` on the wire, and these pydantic models
+everywhere in between. `parse_spec` is the single entry point: it rejects unknown
+keys and out-of-range values with the field path in the message, e.g.
+``schedule.warmup_epochs: must be >= 0, got -1``.
+
+This module and everything it imports stay torch-free: the server validates specs
+without the training stack.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from trainctl.workers.engine.losses.params import LossParams
+from trainctl.workers.engine.params import DataParams, ModelParams
+from trainctl.workers.engine.schedulers import ScheduleParams
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class OptimizerParams(_Strict):
+    name: Literal["sgd", "adamw", "adam", "rmsprop"] = "sgd"
+    lr: float = Field(0.1, gt=0, le=100)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0, le=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+
+    @field_validator("betas")
+    @classmethod
+    def _betas_in_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError(f"each beta must be in [0, 1), got {list(v)}")
+        return v
+
+
+class EmaParams(_Strict):
+    decay: float = Field(0.9998, gt=0, lt=1)
+    warmup: bool = False          # timm ModelEmaV3 warmup of the decay
+    # BYOL-style cosine schedule of the EMA decay towards 1.0 over the run.
+    cosine_to_one: bool = False
+
+
+class MixupParams(_Strict):
+    mixup_alpha: float = Field(0.8, ge=0)
+    cutmix_alpha: float = Field(1.0, ge=0)
+    prob: float = Field(1.0, ge=0, le=1)
+    switch_prob: float = Field(0.5, ge=0, le=1)
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    off_epoch: Optional[int] = Field(None, ge=0)   # mixup stops from this epoch on
+
+
+class TrainParams(_Strict):
+    epochs: int = Field(10, ge=1, le=100_000)
+    seed: int = Field(0, ge=0)
+    amp: Union[bool, Literal["bf16", "fp16"]] = False
+    clip_grad: Optional[float] = Field(None, gt=0)
+    clip_mode: Literal["norm", "value", "agc"] = "norm"
+    grad_accum: int = Field(1, ge=1, le=1024)
+    ema: Optional[EmaParams] = None
+    mixup: Optional[MixupParams] = None
+    channels_last: bool = False
+    compile: bool = False
+    deterministic: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Cap on optimizer steps per epoch (0 = the whole dataset); handy for smoke runs.
+    max_steps_per_epoch: int = Field(0, ge=0)
+    checkpoint_every: int = Field(1, ge=0)        # epochs; 0 = never
+    on_nonfinite: Literal["fail", "skip"] = "fail"
+
+
+ControlVerb = Literal["set_lr", "scale_lr", "set_lr_decay", "set_ema_decay", "set_weight_decay"]
+CONTROL_VERBS: tuple[str, ...] = ControlVerb.__args__  # type: ignore[attr-defined]
+
+
+class ControlEntry(_Strict):
+    """A command scheduled in the spec: exactly one verb, applied at `at_step`."""
+
+    at_step: int = Field(ge=0)
+    set_lr: Optional[float] = None
+    scale_lr: Optional[float] = None
+    set_lr_decay: Optional[float] = None
+    set_ema_decay: Optional[float] = None
+    set_weight_decay: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "ControlEntry":
+        given = [v for v in CONTROL_VERBS if getattr(self, v) is not None]
+        if len(given) != 1:
+            raise ValueError(f"exactly one of {', '.join(CONTROL_VERBS)} is required, got {given or 'none'}")
+        check_control_value(given[0], getattr(self, given[0]))
+        return self
+
+    @property
+    def verb(self) -> str:
+        return next(v for v in CONTROL_VERBS if getattr(self, v) is not None)
+
+    @property
+    def value(self) -> float:
+        return float(getattr(self, self.verb))
+
+
+class Resources(_Strict):
+    gpus: int = Field(0, ge=0, le=64)
+    nproc: int = Field(1, ge=1, le=64)
+    nnodes: int = Field(1, ge=1, le=64)
+
+
+class Spec(_Strict):
+    name: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+    model: ModelParams
+    data: DataParams
+    optimizer: OptimizerParams = OptimizerParams()
+    schedule: ScheduleParams = Field(default_factory=lambda: {"name": "constant"})  # type: ignore[assignment]
+    loss: LossParams = Field(default_factory=lambda: {"name": "cross_entropy"})  # type: ignore[assignment]
+    train: TrainParams = TrainParams()
+    control: list[ControlEntry] = Field(default_factory=list, max_length=10_000)
+    resources: Resources = Resources()
+    max_restarts: int = Field(3, ge=0, le=100)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict with every default filled in."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class SpecError(ValueError):
+    """An invalid spec; `errors` holds one ``field.path: problem`` line per fault."""
+
+    def __init__(self, errors: list[str]):
+        self.errors = errors
+        super().__init__("; ".join(errors))
+
+
+def check_control_value(verb: str, value: float) -> None:
+    """Range rules shared by spec entries and live Control calls."""
+    if value is None or not math.isfinite(value):
+        raise ValueError(f"{verb} must be a finite number, got {value}")
+    if value <= 0:
+        raise ValueError(f"{verb} must be > 0, got {value}")
+    if verb in ("set_lr_decay", "set_ema_decay") and value > 1:
+        raise ValueError(f"{verb} must be in (0, 1], got {value}")
+    if verb == "set_weight_decay" and value > 1:
+        raise ValueError(f"{verb} must be <= 1, got {value}")
+    if verb == "set_lr" and value > 100:
+        raise ValueError(f"set_lr must be <= 100, got {value}")
+
+
+_MESSAGES = {
+    "greater_than_equal": "must be >= {ge}",
+    "greater_than": "must be > {gt}",
+    "less_than_equal": "must be <= {le}",
+    "less_than": "must be < {lt}",
+    "extra_forbidden": "unknown key",
+    "missing": "required",
+}
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = list(err["loc"])
+    kind = err["type"]
+    # pydantic puts the discriminator value into tagged-union paths
+    # ("schedule.cosine.min_lr"); users wrote "schedule.min_lr".
+    if len(loc) >= 2 and loc[0] in _TAGGED and kind not in ("union_tag_invalid", "union_tag_not_found"):
+        del loc[1]
+    path = ".".join(str(p) for p in loc) or "spec"
+    ctx = err.get("ctx", {})
+    if kind == "union_tag_invalid":
+        return f"{path}.name: unknown {path} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+    if kind == "union_tag_not_found":
+        return f"{path}.name: required"
+    template = _MESSAGES.get(kind)
+    nums = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in ctx.items()}
+    msg = template.format(**nums) if template else err["msg"].removeprefix("Value error, ")
+    inp = err.get("input")
+    if kind not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)):
+        msg += f", got {inp!r}"
+    return f"{path}: {msg}"
+
+
+_TAGGED = ("schedule", "loss")
+
+
+def parse_spec(data: Any, *, check_model: bool = True) -> Spec:
+    """Validate a spec given as a dict (from YAML, JSON or a protobuf Struct)."""
+    if not isinstance(data, dict):
+        raise SpecError([f"spec: must be a mapping, got {type(data).__name__}"])
+    try:
+        spec = Spec.model_validate(_ints_from_floats(data))
+    except ValidationError as exc:
+        raise SpecError(_dedupe([_format_error(e) for e in exc.errors()])) from None
+    if check_model:
+        _check_model_name(spec)
+    return spec
+
+
+def _dedupe(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
+
+
+def _ints_from_floats(value: Any) -> Any:
+    """A protobuf Struct carries every number as a double; give integral ones back as int
+    so `epochs: 10.0` validates as an int and `epochs: 2.5` is still refused."""
+    if isinstance(value, dict):
+        return {k: _ints_from_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints_from_floats(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
+def _check_model_name(spec: Spec) -> None:
+    from trainctl.workers.engine.models import known_model, suggest_models
+
+    if not known_model(spec.model.name):
+        hint = suggest_models(spec.model.name)
+        extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+        raise SpecError([f"model.name: unknown timm model {spec.model.name!r}{extra}"])
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML/JSON spec file into a plain dict (not validated: the server does that)."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise SpecError([f"spec file {str(p)!r} does not exist"]) from None
+    except yaml.YAMLError as exc:
+        raise SpecError([f"{p}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{p}: the spec must be a mapping at top level"])
+    return data

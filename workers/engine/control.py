@@ -1,0 +1,70 @@
+"""Applying control commands to a running job, at a step boundary.
+
+One function for live, scheduled and replayed commands alike, so they cannot drift
+apart. Every outcome, refusals included, becomes an `Ack` with the applied step and
+the old and new value.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+from trainctl.spec import check_control_value
+from trainctl.workers.engine.context import Ack, Command
+from trainctl.workers.engine.optim import decaying_groups
+
+
+class ControlTargets:
+    """The mutable things a command may touch."""
+
+    def __init__(self, schedule: Any, optimizer: Any, ema: Optional[Any] = None):
+        self.schedule = schedule
+        self.optimizer = optimizer
+        self.ema = ema
+
+
+def apply_command(cmd: Command, step: int, t: ControlTargets) -> Ack:
+    try:
+        check_control_value(cmd.verb, cmd.value)
+        old, new = _APPLY[cmd.verb](cmd.value, step, t)
+    except (ValueError, KeyError) as exc:
+        msg = str(exc) if not isinstance(exc, KeyError) else f"unknown command {cmd.verb!r}"
+        return Ack(cmd.command_id, ok=False, applied_step=step, message=msg)
+    return Ack(cmd.command_id, ok=True, applied_step=step, old_value=old, new_value=new)
+
+
+def _set_lr(v: float, step: int, t: ControlTargets) -> tuple[float, float]:
+    return t.schedule.set_lr(step, v)
+
+
+def _scale_lr(f: float, step: int, t: ControlTargets) -> tuple[float, float]:
+    return t.schedule.scale_lr(step, f)
+
+
+def _set_lr_decay(g: float, step: int, t: ControlTargets) -> tuple[float, float]:
+    return t.schedule.set_decay(step, g)
+
+
+def _set_ema_decay(d: float, step: int, t: ControlTargets) -> tuple[float, float]:
+    if t.ema is None:
+        raise ValueError("set_ema_decay needs model EMA; enable train.ema in the spec")
+    old = float(t.ema.decay)
+    t.ema.decay = d
+    return old, d
+
+
+def _set_weight_decay(w: float, step: int, t: ControlTargets) -> tuple[float, float]:
+    groups = decaying_groups(t.optimizer)
+    old = float(groups[0]["weight_decay"]) if groups else math.nan
+    for g in groups:
+        g["weight_decay"] = w
+    return old, w
+
+
+_APPLY = {
+    "set_lr": _set_lr,
+    "scale_lr": _scale_lr,
+    "set_lr_decay": _set_lr_decay,
+    "set_ema_decay": _set_ema_decay,
+    "set_weight_decay": _set_weight_decay,
+}

@@ -1,0 +1,254 @@
+"""Schedule base class: clock, warmup, noise, and the live controls (set_lr, set_decay).
+
+A schedule is a pure function of the optimizer step plus a small amount of control
+state (the LR rescale anchor, the decay-factor history and, for plateau, its counters).
+Keeping the function pure is what makes replay and ``preview`` exact: the training loop,
+the server's preview and a resumed run all evaluate the same ``lr_at``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .registry import decay_schedules
+
+
+class NoDecayFactor(ValueError):
+    """``set_decay`` on a schedule that has no decay factor."""
+
+
+class CommonParams(BaseModel):
+    """Fields every schedule accepts (timm semantics for the warmup)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_step: bool = True
+    warmup_epochs: float = Field(0.0, ge=0)
+    warmup_lr: float = Field(0.0, ge=0)
+    warmup_prefix: bool = False
+
+
+class NoiseParams(BaseModel):
+    """timm's LR noise: ``lr * (1 + n)``, ``n`` drawn from a generator seeded with
+    ``noise_seed + t`` (t = the step when per_step, else the epoch) so it is
+    reproducible without any RNG state."""
+
+    noise_range_t: Union[float, tuple[float, float], None] = None
+    noise_type: Literal["normal", "uniform"] = "normal"
+    noise_pct: float = Field(0.67, gt=0)
+    noise_std: float = Field(1.0, gt=0)
+    noise_seed: int = 42
+
+
+def _positive_finite(what: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    return value
+
+
+class Schedule:
+    name: ClassVar[str]
+    params_model: ClassVar[type[CommonParams]]
+    # Name of the params field that ``set_decay`` controls; None = no decay factor.
+    decay_param: ClassVar[Optional[str]] = None
+    # Inclusive upper bound for a decay factor (plateau needs < 1: see its class).
+    decay_max: ClassVar[float] = 1.0
+    decay_max_inclusive: ClassVar[bool] = True
+    # cawb warms up per batch even when its cosine moves once per epoch (as upstream).
+    per_batch_warmup: ClassVar[bool] = False
+
+    def __init__(self, params: CommonParams, *, base_lr: float, steps_per_epoch: int, epochs: int) -> None:
+        if not isinstance(params, self.params_model):
+            raise TypeError(f"{type(self).__name__} needs {self.params_model.__name__}, got {type(params).__name__}")
+        if not (isinstance(steps_per_epoch, int) and steps_per_epoch >= 1):
+            raise ValueError(f"steps_per_epoch must be an int >= 1, got {steps_per_epoch!r}")
+        if not (isinstance(epochs, int) and epochs >= 1):
+            raise ValueError(f"epochs must be an int >= 1, got {epochs!r}")
+        self.params = params
+        self.base_lr = _positive_finite("base_lr", base_lr)
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+        self.warmup = float(params.warmup_epochs)
+        # lr = _num * (u / _den) with u the unscaled schedule value; at the step where
+        # set_lr anchored it u == _den, so the requested value comes back bit-exact.
+        self._num = 1.0
+        self._den = 1.0
+        # [(n_from, gamma)]: gamma applies to the decays numbered after n_from.
+        self._decay_history: list[tuple[float, float]] = (
+            [(0.0, float(getattr(params, self.decay_param)))] if self.decay_param else []
+        )
+
+    # -- what a subclass provides ------------------------------------------------------
+
+    def curve(self, t: float) -> float:
+        """Unscaled LR at schedule time ``t`` (epochs, after the warmup prefix if any)."""
+        raise NotImplementedError
+
+    def decays_at(self, t: float) -> float:
+        """How many decays have happened by schedule time ``t`` (fractional for a
+        continuous decay). Only called when ``decay_param`` is set."""
+        raise NotImplementedError
+
+    def warmup_target(self) -> float:
+        """The LR the linear warmup ramps to (timm: the base LR)."""
+        return self.base_lr
+
+    def _extra_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- clock -------------------------------------------------------------------------
+
+    def epoch_time(self, step: int) -> float:
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.params.per_step:
+            return step / self.steps_per_epoch
+        return float(step // self.steps_per_epoch)
+
+    def schedule_time(self, t: float) -> float:
+        p = self.params
+        if p.warmup_prefix:
+            return max(t - self.warmup, 0.0)
+        return t
+
+    # -- evaluation --------------------------------------------------------------------
+
+    def unscaled_lr(self, step: int) -> float:
+        return self.value_at(self.epoch_time(step), step)
+
+    def value_at(self, t: float, step: int) -> float:
+        """Unscaled LR at epoch time ``t`` (``step`` only seeds the noise)."""
+        p = self.params
+        if self.per_batch_warmup and not p.per_step:
+            tw = step / self.steps_per_epoch
+            if tw < self.warmup:
+                t = tw
+        if t < self.warmup:
+            lr = p.warmup_lr + t * ((self.warmup_target() - p.warmup_lr) / self.warmup)
+        else:
+            lr = self.curve(self.schedule_time(t))
+        return self._noise(lr, t, step)
+
+    def lr_at(self, step: int) -> float:
+        return self._num * (self.unscaled_lr(step) / self._den)
+
+    def _noise(self, lr: float, t: float, step: int) -> float:
+        p = self.params
+        rng = getattr(p, "noise_range_t", None)
+        if rng is None:
+            return lr
+        on = rng[0] <= t < rng[1] if isinstance(rng, tuple) else t >= rng
+        if not on:
+            return lr
+        from ._noise import timm_noise
+
+        t_seed = step if p.per_step else int(t)
+        return lr + lr * timm_noise(p.noise_seed + t_seed, p.noise_type, p.noise_pct, p.noise_std)
+
+    def decay_multiplier(self, n: float) -> float:
+        """Product of the decay factors of decays 1..n, each with the factor that was in
+        force when it happened (fractional n: a continuous decay, gamma ** fraction)."""
+        m = 1.0
+        hist = self._decay_history
+        for i, (start, gamma) in enumerate(hist):
+            if n <= start:
+                break
+            end = hist[i + 1][0] if i + 1 < len(hist) else math.inf
+            m *= gamma ** (min(n, end) - start)
+        return m
+
+    # -- controls ----------------------------------------------------------------------
+
+    def set_lr(self, step: int, value: float) -> tuple[float, float]:
+        """From ``step`` on the LR is ``value``: the whole remaining curve (warmup, floor
+        values such as min_lr/eta_min included) is multiplied by ``value / lr_at(step)``
+        so it keeps its shape."""
+        value = _positive_finite("lr", value)
+        old = self.lr_at(step)
+        u = self.unscaled_lr(step)
+        if u == 0.0:
+            raise ValueError(
+                f"the schedule's LR is 0 at step {step}, so it cannot be rescaled to {value}; "
+                "apply the change at a later step"
+            )
+        self._num, self._den = value, u
+        return old, self.lr_at(step)
+
+    def scale_lr(self, step: int, factor: float) -> tuple[float, float]:
+        factor = _positive_finite("lr scale factor", factor)
+        return self.set_lr(step, self.lr_at(step) * factor)
+
+    @property
+    def decay(self) -> float:
+        if not self.decay_param:
+            raise self._no_decay()
+        return self._decay_history[-1][1]
+
+    def _no_decay(self) -> NoDecayFactor:
+        names = ", ".join(f"{n} ({p})" for n, p in decay_schedules().items())
+        return NoDecayFactor(f"schedule {self.name!r} has no decay factor; schedules with one: {names}")
+
+    def check_decay(self, gamma: float) -> float:
+        gamma = float(gamma)
+        hi_ok = gamma <= self.decay_max if self.decay_max_inclusive else gamma < self.decay_max
+        if not math.isfinite(gamma) or gamma <= 0 or not hi_ok:
+            bracket = "]" if self.decay_max_inclusive else ")"
+            raise ValueError(
+                f"{self.name} {self.decay_param} must be in (0, {self.decay_max:g}{bracket}, got {gamma!r}"
+            )
+        return gamma
+
+    def decay_count(self, step: int) -> float:
+        return self.decays_at(self.schedule_time(self.epoch_time(step)))
+
+    def set_decay(self, step: int, gamma: float) -> tuple[float, float]:
+        """``gamma`` is the decay factor of every decay that happens after ``step``;
+        decays already applied keep theirs, so the LR is continuous at ``step``."""
+        if not self.decay_param:
+            raise self._no_decay()
+        gamma = self.check_decay(gamma)
+        old = self.decay
+        n = float(self.decay_count(step))
+        # Entries at or after n describe decays that have not happened yet: replace them.
+        kept = [h for h in self._decay_history if h[0] < n]
+        self._decay_history = kept + [(n, gamma)] if kept else [(0.0, gamma)]
+        return old, gamma
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Called once after the last step of ``epoch``; only plateau uses it."""
+        self.epoch_end_at(float(epoch + 1), metrics)
+
+    def epoch_end_at(self, t_end: float, metrics: dict[str, float]) -> None:
+        """An epoch ended at epoch time ``t_end`` (lets a wrapper shift the clock)."""
+
+    # -- persistence -------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "lr_num": self._num,
+            "lr_den": self._den,
+            "decay_history": [list(h) for h in self._decay_history],
+            **self._extra_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("name") != self.name:
+            raise ValueError(f"state is for schedule {state.get('name')!r}, not {self.name!r}")
+        self._num = float(state["lr_num"])
+        self._den = float(state["lr_den"])
+        self._decay_history = [(float(a), float(b)) for a, b in state["decay_history"]]
+        self._load_extra_state(state)
+
+    def describe(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump(exclude={"name"}).items())
+        s = f"{self.name}({fields}) base_lr={self.base_lr:g}, {self.epochs} epochs x {self.steps_per_epoch} steps"
+        if self.decay_param:
+            s += f"; set_lr_decay controls {self.decay_param} (now {self.decay:g})"
+        return s

@@ -1,0 +1,63 @@
+"""Per-step metrics without a per-step host sync.
+
+Loss and correct counts stay on the device as tensors; every `sync_every` steps they
+are stacked and copied out in one transfer, then handed to the sink row by row. On
+CPU `sync_every=1` (a copy is free there, and watchers see each step at once).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from trainctl.workers.engine.context import STEP, MetricsSink
+
+
+@dataclass
+class EpochSums:
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    first_nonfinite_step: Optional[int] = None
+
+
+@dataclass
+class StepStats:
+    sink: MetricsSink
+    sync_every: int = 1
+    _pending: list = field(default_factory=list)
+    _sums: EpochSums = field(default_factory=EpochSums)
+    _last_time: float = field(default_factory=time.perf_counter)
+
+    def add(self, step: int, epoch: int, lr: float, loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        now = time.perf_counter()
+        self._pending.append((step, epoch, lr, loss_sum, correct, n, now - self._last_time))
+        self._last_time = now
+        if len(self._pending) >= self.sync_every:
+            self._drain()
+
+    def flush(self) -> EpochSums:
+        """Drain pending steps and return (and reset) the epoch's running sums."""
+        self._drain()
+        sums, self._sums = self._sums, EpochSums()
+        self._last_time = time.perf_counter()
+        return sums
+
+    def _drain(self) -> None:
+        if not self._pending:
+            return
+        losses = torch.stack([p[3] for p in self._pending]).float().cpu().tolist()
+        corrects = torch.stack([p[4] for p in self._pending]).cpu().tolist()
+        for (step, epoch, lr, _, _, n, dt), loss_sum, correct in zip(self._pending, losses, corrects):
+            loss = loss_sum / n
+            if not math.isfinite(loss) and self._sums.first_nonfinite_step is None:
+                self._sums.first_nonfinite_step = step
+            self._sums.loss_sum += loss_sum
+            self._sums.correct += int(correct)
+            self._sums.seen += n
+            self.sink.log(STEP, step, epoch, {"lr": lr, "loss": loss, "acc": correct / n,
+                                              "samples_per_sec": n / dt if dt > 0 else math.nan})
+        self._pending.clear()

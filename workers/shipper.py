@@ -1,0 +1,147 @@
+"""Everything a worker sends upstream goes through one `Outbox`, in order.
+
+The training loop hands rows to `RunSink.log` (never blocks: a put on an unbounded
+in-memory queue guarded by a row budget). The gRPC request iterator drains the outbox:
+rows that are waiting together become one `MetricBatch` (so batching grows by itself
+when the network is slower than training and latency stays at one send otherwise), and
+other messages keep their place after the rows logged before them, so the last metrics
+always precede the final state.
+
+Batches stay in `unacked` until the server's BatchAck, so after a reconnect they are
+sent again; the server's store ignores the copies it already has.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+from trainctl.v1 import trainctl_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_ROWS_PER_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class _Row:
+    experiment_id: int
+    attempt: int
+    scope: int
+    step: int
+    epoch: int
+    wall_time: float
+    values: dict
+
+
+class Outbox:
+    def __init__(self, max_unacked_batches: int = 100_000):
+        self._q: "queue.Queue[object]" = queue.Queue()
+        self._seq: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self.unacked: "OrderedDict[tuple[int, int, int], pb.MetricBatch]" = OrderedDict()
+        self.max_unacked = max_unacked_batches
+        self.dropped_batches = 0
+
+    # ------------------------------------------------------------------ producers
+    def send(self, msg: pb.WorkerMessage) -> None:
+        self._q.put(msg)
+
+    def row(self, experiment_id: int, attempt: int, scope: str, step: int, epoch: int, values: dict) -> None:
+        self._q.put(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, time.time(), values))
+
+    def acked(self, experiment_id: int, attempt: int, seq: int) -> None:
+        with self._lock:
+            for key in [k for k in self.unacked if k[0] == experiment_id and k[1] == attempt and k[2] <= seq]:
+                del self.unacked[key]
+
+    def forget(self, experiment_id: int, attempt: int) -> None:
+        """Drop what is still unacked for a fenced attempt: the server refuses it anyway."""
+        with self._lock:
+            for key in [k for k in self.unacked if k[0] == experiment_id and k[1] == attempt]:
+                del self.unacked[key]
+
+    def pending(self) -> int:
+        return self._q.qsize() + len(self.unacked)
+
+    # ------------------------------------------------------------------ the consumer
+    def stream(self, hello: pb.WorkerMessage, heartbeat, interval: float,
+               stop: threading.Event) -> Iterator[pb.WorkerMessage]:
+        """The request iterator of one Connect call: hello, resends, then live traffic."""
+        yield hello
+        with self._lock:
+            resend = list(self.unacked.values())
+        for batch in resend:
+            yield pb.WorkerMessage(metrics=batch)
+        last_sent = time.monotonic()
+        while not stop.is_set():
+            timeout = max(0.0, interval - (time.monotonic() - last_sent))
+            try:
+                item = self._q.get(timeout=timeout)
+            except queue.Empty:
+                last_sent = time.monotonic()
+                yield pb.WorkerMessage(heartbeat=heartbeat())
+                continue
+            for msg in self._with_waiting_rows(item):
+                yield msg
+            last_sent = time.monotonic()
+
+    def _with_waiting_rows(self, first: object) -> Iterator[pb.WorkerMessage]:
+        rows: list[_Row] = []
+        item: Optional[object] = first
+        while item is not None:
+            if isinstance(item, _Row):
+                rows.append(item)
+                if len(rows) >= MAX_ROWS_PER_BATCH:
+                    yield from self._batches(rows)
+                    rows = []
+            else:
+                yield from self._batches(rows)
+                rows = []
+                yield item  # type: ignore[misc]
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                item = None
+        yield from self._batches(rows)
+
+    def _batches(self, rows: list[_Row]) -> Iterator[pb.WorkerMessage]:
+        batch: Optional[pb.MetricBatch] = None
+        for r in rows:
+            names = sorted(r.values)
+            if batch is None or (batch.experiment_id, batch.attempt, batch.scope) != (r.experiment_id, r.attempt, r.scope) \
+                    or list(batch.names) != names:
+                if batch is not None:
+                    yield self._seal(batch)
+                batch = pb.MetricBatch(experiment_id=r.experiment_id, attempt=r.attempt, scope=r.scope, names=names)
+            batch.rows.add(step=r.step, epoch=r.epoch, wall_time=r.wall_time, values=[r.values[n] for n in names])
+        if batch is not None:
+            yield self._seal(batch)
+
+    def _seal(self, batch: pb.MetricBatch) -> pb.WorkerMessage:
+        key = (batch.experiment_id, batch.attempt)
+        with self._lock:
+            batch.seq = self._seq.get(key, 0) + 1
+            self._seq[key] = batch.seq
+            self.unacked[(*key, batch.seq)] = batch
+            if len(self.unacked) > self.max_unacked:
+                self.unacked.popitem(last=False)
+                self.dropped_batches += 1
+        return pb.WorkerMessage(metrics=batch)
+
+
+class RunSink:
+    """The `MetricsSink` the training loop gets for one attempt."""
+
+    def __init__(self, outbox: Outbox, experiment_id: int, attempt: int):
+        self.outbox, self.experiment_id, self.attempt = outbox, experiment_id, attempt
+
+    def log(self, scope: str, step: int, epoch: int, values: dict[str, float]) -> None:
+        self.outbox.row(self.experiment_id, self.attempt, scope, step, epoch, values)
+
+    def flush(self) -> None:
+        pass  # the request iterator sends as soon as rows are there
