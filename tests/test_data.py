@@ -154,3 +154,24 @@ def test_data_params_validation():
     with pytest.raises(ValidationError, match="data.resize_range"):
         DataParams(dataset="imagefolder", path="/x", img_size=32, augment=True,
                    resize_range=(16, 40))
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"dataset": "imagefolder", "path": "/x", "val_fraction": 0.1}, "data.val_fraction: only"),
+    ({"dataset": "synthetic", "augment": True}, "data.augment: only"),
+    ({"dataset": "digits_lt", "num_samples": 10}, "data.num_samples: only"),
+])
+def test_fields_for_other_datasets_rejected(fields, message):
+    with pytest.raises(ValidationError, match=message):
+        DataParams(**fields)
+
+
+@pytest.mark.parametrize("fields", [
+    {"dataset": "digits"},
+    {"dataset": "digits_lt", "imbalance_ratio": 50},
+    {"dataset": "imagefolder", "path": "/x", "augment": True, "resize_range": (32, 48)},
+    {"dataset": "synthetic", "num_classes": 3, "num_samples": 99},
+])
+def test_stored_spec_with_defaults_written_out_revalidates(fields):
+    p = DataParams(**fields)
+    assert DataParams.model_validate(p.model_dump(mode="json")) == p

@@ -240,3 +240,9 @@ def test_bad_target_shape_is_clear():
     loss = make({"name": "cross_entropy"})
     with pytest.raises(ValueError, match="soft targets"):
         loss(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "soft_target", "bce", "focal", "ldam"])
+def test_stored_spec_with_defaults_written_out_revalidates(name):
+    p = LOSS.validate_python({"name": name})
+    assert LOSS.validate_python(LOSS.dump_python(p, mode="json")) == p

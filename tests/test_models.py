@@ -110,3 +110,8 @@ def test_spec_modules_do_not_import_torch():
     code = ("import sys; import trainctl.workers.engine.params, trainctl.workers.engine.models,"
             " trainctl.workers.engine.losses; assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_stored_spec_with_defaults_written_out_revalidates():
+    p = ModelParams(name="resnet10t", pretrained=True, weights="/w.pt", kwargs={"drop_path_rate": 0.1})
+    assert ModelParams.model_validate(p.model_dump(mode="json")) == p

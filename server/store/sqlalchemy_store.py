@@ -43,6 +43,9 @@ MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 # How long a SQLite writer in another process waits for the write lock before failing.
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
+# Parameter order of the metrics upsert (the table's column order).
+_METRIC_COLUMNS = ("experiment_id", "scope", "step", "epoch", "name", "value", "wall_time", "attempt")
+
 # Legal worker-driven moves; requeue and cancel have their own rules.
 _TRANSITIONS = {
     E.ASSIGNED: frozenset({E.RUNNING, E.COMPLETED, E.FAILED, E.CANCELLED}),
@@ -92,7 +95,15 @@ class SqlAlchemyStore(AbstractStore):
         else:
             self._write_lock = self._read_lock = contextlib.nullcontext()
 
-        self._upsert_metrics = _metrics_upsert(self._dialect)
+        # The metrics upsert is a Core statement compiled once; add_metrics hands its SQL
+        # and plain tuples straight to the driver's executemany. Letting SQLAlchemy bind
+        # each row's parameters instead costs more than SQLite's own work: ~105k vs
+        # ~250k points/s on a 2-core box.
+        compiled = _metrics_upsert(self._dialect).compile(dialect=self._engine.dialect)
+        self._upsert_sql = str(compiled)
+        self._upsert_positional = compiled.positional  # sqlite: qmark; psycopg: named
+        if compiled.positional and list(compiled.positiontup) != list(_METRIC_COLUMNS):
+            raise RuntimeError(f"metrics upsert binds {compiled.positiontup}, expected {_METRIC_COLUMNS}")
         try:
             self._migrate()
         except BaseException:
@@ -270,18 +281,8 @@ class SqlAlchemyStore(AbstractStore):
             for name, value in zip(names, values):
                 if value != value:  # NaN marks "not logged at this step"
                     continue
-                params.append(
-                    {
-                        "experiment_id": experiment_id,
-                        "scope": scope,
-                        "step": step,
-                        "epoch": epoch,
-                        "name": name,
-                        "value": value,
-                        "wall_time": wall_time,
-                        "attempt": attempt,
-                    }
-                )
+                # In _METRIC_COLUMNS order.
+                params.append((experiment_id, scope, step, epoch, name, value, wall_time, attempt))
                 stored = True
             if stored and (max_step is None or step > max_step):
                 max_step = step
@@ -296,7 +297,9 @@ class SqlAlchemyStore(AbstractStore):
             if not params:
                 return 0
             conn = s.connection()
-            conn.execute(self._upsert_metrics, params)  # executemany
+            if not self._upsert_positional:
+                params = [dict(zip(_METRIC_COLUMNS, p)) for p in params]
+            conn.exec_driver_sql(self._upsert_sql, params)  # executemany
             conn.execute(
                 update(ExperimentModel.__table__)
                 .where(ExperimentModel.id == experiment_id, ExperimentModel.last_step < max_step)

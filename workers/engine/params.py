@@ -51,13 +51,15 @@ class ModelParams(BaseModel):
 
 DatasetName = Literal["digits", "digits_lt", "imagefolder", "synthetic"]
 
-# Fields that only mean something for one dataset; setting them elsewhere is a spec
+# Fields that only mean something for some datasets; setting them elsewhere is a spec
 # mistake we would rather report than silently ignore.
-_DATASET_ONLY = {
-    "path": "imagefolder",
-    "imbalance_ratio": "digits_lt",
-    "num_classes": "synthetic",
-    "num_samples": "synthetic",
+_USED_BY = {
+    "path": ("imagefolder",),
+    "imbalance_ratio": ("digits_lt",),
+    "num_classes": ("synthetic",),
+    "num_samples": ("synthetic",),
+    "val_fraction": ("digits", "digits_lt", "synthetic"),  # imagefolder has val/
+    "augment": ("digits", "digits_lt", "imagefolder"),  # synthetic is for benchmarks
 }
 
 
@@ -82,13 +84,14 @@ class DataParams(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> "DataParams":
-        for field, owner in _DATASET_ONLY.items():
+        for field, users in _USED_BY.items():
             # A stored spec has every default written out, so only a value that
             # differs from the default is a mistake.
             value = getattr(self, field)
             if field in self.model_fields_set and value is not None \
-                    and value != type(self).model_fields[field].default and self.dataset != owner:
-                raise ValueError(f"data.{field}: only used by dataset {owner}, "
+                    and value != type(self).model_fields[field].default \
+                    and self.dataset not in users:
+                raise ValueError(f"data.{field}: only used by dataset {' / '.join(users)}, "
                                  f"not {self.dataset}")
         if self.dataset == "imagefolder" and not self.path:
             raise ValueError("data.path: required for dataset imagefolder "

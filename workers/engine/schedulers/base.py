@@ -123,7 +123,7 @@ class Schedule:
         return self.value_at(self.epoch_time(step), step)
 
     def value_at(self, t: float, step: int) -> float:
-        """Unscaled LR at epoch time ``t`` (``step`` only seeds the noise)."""
+        """Unscaled LR at epoch time ``t``; ``step`` seeds the noise and times a per-batch warmup."""
         p = self.params
         if self.per_batch_warmup and not p.per_step:
             tw = step / self.steps_per_epoch

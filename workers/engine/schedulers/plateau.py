@@ -74,14 +74,15 @@ class Plateau(Schedule):
 
     def _extra_state(self) -> dict[str, Any]:
         return {
-            "best": self.best,
+            "best": self.best if math.isfinite(self.best) else None,  # strict-JSON safe
             "num_bad_epochs": self.num_bad_epochs,
             "cooldown_counter": self.cooldown_counter,
             "reductions": self.reductions,
         }
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.best = float(state["best"])
+        best = state["best"]
+        self.best = float(best) if best is not None else (math.inf if self.params.mode == "min" else -math.inf)
         self.num_bad_epochs = int(state["num_bad_epochs"])
         self.cooldown_counter = int(state["cooldown_counter"])
         self.reductions = int(state["reductions"])

@@ -1,0 +1,140 @@
+"""Shared fixtures: real server and worker processes on loopback, a real SQLite file."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from trainctl.client import Client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A trainctl subprocess whose output goes to a log file shown on failure."""
+
+    def __init__(self, args: list[str], log: Path, env: dict | None = None):
+        self.args, self.log = args, log
+        self._fh = open(log, "w")
+        self.popen = subprocess.Popen([sys.executable, "-m", "trainctl.client.cli", *args], stdout=self._fh,
+                                      stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                                      start_new_session=True)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        self._fh.close()
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+def wait_healthy(address: str, proc: Proc, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.popen.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{proc.output()}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                time.sleep(0.1)
+    raise TimeoutError(f"server not healthy after {timeout} s:\n{proc.output()}")
+
+
+class Cluster:
+    """One server process plus any number of worker processes."""
+
+    def __init__(self, tmp: Path, server_args: list[str] = ()):
+        self.tmp = tmp
+        self.db_path = tmp / "trainctl.db"
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.server_args = list(server_args)
+        self.workers: list[Proc] = []
+        self.server = None
+        self.start_server()
+
+    def start_server(self) -> Proc:
+        self.server = Proc(["server", "--listen", self.address, "--db", f"sqlite:///{self.db_path}",
+                            *self.server_args], self.tmp / f"server-{time.monotonic_ns()}.log")
+        wait_healthy(self.address, self.server)
+        return self.server
+
+    def add_worker(self, worker_id: str | None = None, *extra: str) -> Proc:
+        wid = worker_id or f"w{len(self.workers)}"
+        p = Proc(["worker", "--server", self.address, "--worker-id", wid, "--workdir", str(self.tmp / "runs"),
+                  *extra], self.tmp / f"worker-{wid}-{len(self.workers)}.log")
+        self.workers.append(p)
+        return p
+
+    def client(self) -> Client:
+        return Client(self.address)
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        if self.server:
+            self.server.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"==== {p.name}\n{p.read_text()[-4000:]}" for p in sorted(self.tmp.glob("*.log")))
+
+
+@pytest.fixture
+def cluster(tmp_path, request):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
+    if request.node.rep_call.failed if hasattr(request.node, "rep_call") else False:
+        print(c.logs())
+
+
+@pytest.fixture(scope="module")
+def server_only(tmp_path_factory):
+    """A server with no worker: for validation and bookkeeping tests."""
+    c = Cluster(tmp_path_factory.mktemp("server"))
+    yield c
+    c.stop()
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, "rep_" + rep.when, rep)
+
+
+def digits_spec(name: str = "t", *, epochs: int = 3, max_steps: int = 0, **overrides) -> dict:
+    spec = {
+        "name": name,
+        "model": {"name": "resnet10t"},
+        "data": {"dataset": "digits", "batch_size": 64, "img_size": 32},
+        "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine", "warmup_epochs": 1, "warmup_lr": 0.001, "min_lr": 1e-4},
+        "loss": {"name": "cross_entropy", "label_smoothing": 0.1},
+        "train": {"epochs": epochs, "seed": 0, "max_steps_per_epoch": max_steps},
+    }
+    for key, value in overrides.items():
+        spec[key] = value
+    return spec
