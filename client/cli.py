@@ -31,15 +31,29 @@ def _print_json(obj) -> None:
 def cmd_server(args) -> int:
     from trainctl.server.app import ServerConfig, serve
 
+    from trainctl.server.auth import TlsFiles, Tokens
+
+    tokens = Tokens.load(client=args.client_token, worker=args.worker_token,
+                         client_file=args.client_token_file, worker_file=args.worker_token_file)
+    tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
     serve(args.listen, ServerConfig(db_url=args.db, heartbeat_interval=args.heartbeat,
-                                    lease_timeout=args.lease_timeout, grace=args.grace))
+                                    lease_timeout=args.lease_timeout, grace=args.grace, tokens=tokens, tls=tls))
     return 0
 
 
 def cmd_worker(args) -> int:
     from trainctl.workers.agent import run_worker
 
-    return run_worker(args.server, worker_id=args.worker_id, workdir=args.workdir, max_runs=args.max_runs)
+    token = args.token or _read_token_file(args.token_file)
+    return run_worker(args.server, worker_id=args.worker_id, workdir=args.workdir, max_runs=args.max_runs,
+                      token=token)
+
+
+def _read_token_file(path: str | None) -> str | None:
+    if not path:
+        return None
+    with open(path) as fh:
+        return fh.read().strip() or None
 
 
 # ---------------------------------------------------------------------- experiments
@@ -179,6 +193,44 @@ def cmd_replay(args) -> int:
         return _follow(c, x.id, args.json) if args.follow else 0
 
 
+# ---------------------------------------------------------------------- schedule preview / plot
+def cmd_schedule_preview(args) -> int:
+    from trainctl.client.preview import preview_spec, render_text
+
+    p = preview_spec(args.spec, steps_per_epoch=args.steps_per_epoch)
+    if args.png:
+        from trainctl.client.plot import preview_png
+
+        preview_png(p, args.png)
+    if args.json:
+        print(json.dumps(p.to_json()))
+    else:
+        render_text(p)
+        if args.png:
+            print(f"wrote {args.png}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from trainctl.client.plot import MAX_POINTS, experiment_png
+
+    png = args.png or f"experiment-{args.id}.png"
+    with _client(args) as c:
+        x = c.get(args.id)
+        series = c.metrics(args.id, max_points=MAX_POINTS)
+        controls = c.controls(args.id)
+    try:
+        drawn = experiment_png(x, series, controls, png)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(drawn))
+    else:
+        print(f"wrote {png}: {', '.join(drawn['series'])}; {len(drawn['controls'])} control event(s) marked")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from trainctl.client.demo import run_demo
 
@@ -198,6 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat", type=float, default=2.0, help="worker heartbeat interval, s")
     s.add_argument("--lease-timeout", type=float, default=15.0, help="requeue a run after this long without news, s")
     s.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight work on SIGTERM")
+    env = os.environ.get
+    s.add_argument("--client-token", default=env("TRAINCTL_TOKEN"),
+                   help="token clients must present (env TRAINCTL_TOKEN); no token at all = auth off")
+    s.add_argument("--worker-token", default=env("TRAINCTL_WORKER_TOKEN"),
+                   help="token workers must present (env TRAINCTL_WORKER_TOKEN)")
+    s.add_argument("--client-token-file", default=env("TRAINCTL_TOKEN_FILE"), help="file of client tokens, one a line")
+    s.add_argument("--worker-token-file", default=env("TRAINCTL_WORKER_TOKEN_FILE"), help="file of worker tokens")
+    s.add_argument("--tls-cert", default=env("TRAINCTL_TLS_CERT"), help="server certificate (PEM); enables TLS")
+    s.add_argument("--tls-key", default=env("TRAINCTL_TLS_KEY"), help="server private key (PEM)")
+    s.add_argument("--tls-client-ca", default=env("TRAINCTL_TLS_CLIENT_CA"),
+                   help="CA that client certificates must chain to (mutual TLS)")
     s.set_defaults(fn=cmd_server)
 
     s = sub.add_parser("worker", help="run a worker that trains assigned experiments")
@@ -205,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--worker-id", default=os.environ.get("TRAINCTL_WORKER_ID"))
     s.add_argument("--workdir", default=os.environ.get("TRAINCTL_WORKDIR", "runs"), help="checkpoints go here")
     s.add_argument("--max-runs", type=int, default=0, help="exit after this many runs (0 = never)")
+    s.add_argument("--token", default=os.environ.get("TRAINCTL_WORKER_TOKEN"),
+                   help="worker token (env TRAINCTL_WORKER_TOKEN)")
+    s.add_argument("--token-file", default=os.environ.get("TRAINCTL_WORKER_TOKEN_FILE"))
     s.set_defaults(fn=cmd_worker)
 
     s = sub.add_parser("submit", help="submit a spec (YAML/JSON)")
@@ -281,6 +347,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(s)
     s.set_defaults(fn=cmd_replay)
 
+    s = sub.add_parser("schedule", help="LR schedule tools")
+    ssub = s.add_subparsers(dest="schedule_command", required=True, metavar="SUBCOMMAND")
+    s = ssub.add_parser("preview", help="the LR at every step of a spec (controls applied), without training")
+    s.add_argument("spec", help="spec file (YAML/JSON)")
+    s.add_argument("--steps-per-epoch", type=int, default=None,
+                   help="optimizer steps per epoch; default: count them from the dataset as the worker does")
+    s.add_argument("--png", metavar="FILE", help="also write a plot (epochs on the x axis)")
+    s.add_argument("--json", action="store_true", help='{"steps_per_epoch", "epochs", "lr": [...], ...}')
+    s.set_defaults(fn=cmd_schedule_preview)
+
+    s = sub.add_parser("plot", help="PNG of an experiment's LR, loss and accuracy with its control events")
+    s.add_argument("id", type=int)
+    s.add_argument("--png", metavar="FILE", help="output file (default: experiment-ID.png)")
+    s.add_argument("--json", action="store_true", help="print what was plotted as JSON")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_plot)
+
     s = sub.add_parser("demo", help="server + worker on loopback, a digits run, an LR change mid-run")
     s.add_argument("--spec", default=None, help="spec to run (default: examples/digits.yaml)")
     s.add_argument("--port", type=int, default=0, help="0 = any free port")
@@ -298,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainctlError as exc:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
-    except SpecError as exc:
+    except (SpecError, ValueError, OSError) as exc:  # bad input files, flags, addresses
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

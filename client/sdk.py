@@ -17,6 +17,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 
 from trainctl.spec import load_spec_file
+from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 
@@ -113,8 +114,7 @@ class Client:
         self.address = address or os.environ.get("TRAINCTL_SERVER", DEFAULT_ADDRESS)
         self.token = token if token is not None else os.environ.get("TRAINCTL_TOKEN")
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(self.address, options=[
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        self._channel = open_channel(self.address)
         self._stub = pb_grpc.ExperimentsStub(self._channel)
 
     def close(self) -> None:
@@ -127,7 +127,7 @@ class Client:
         self.close()
 
     def _metadata(self):
-        return (("authorization", f"Bearer {self.token}"),) if self.token else None
+        return auth_metadata(self.token)
 
     def _call(self, method: str, request, timeout: Optional[float] = None):
         try:

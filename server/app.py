@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from trainctl.server.auth import AuthInterceptor, TlsFiles, Tokens
 from trainctl.server.dispatcher import Dispatcher
 from trainctl.server.experiments_service import ExperimentsService
 from trainctl.server.live import Live
@@ -38,6 +39,8 @@ class ServerConfig:
     heartbeat_interval: float = 2.0
     lease_timeout: float = 15.0
     grace: float = 10.0
+    tokens: Tokens = Tokens()
+    tls: TlsFiles | None = None
 
 
 class ControlServer:
@@ -75,7 +78,8 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
     live = Live(store)
     dispatcher = Dispatcher(store, live.db, lease_timeout=config.lease_timeout,
                             on_experiment_change=live.experiment_changed)
-    server = grpc.aio.server(options=[
+    interceptors = [AuthInterceptor(config.tokens)] if config.tokens.enabled else []
+    server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
         ("grpc.keepalive_time_ms", 20_000),
@@ -90,7 +94,10 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
     reflection.enable_server_reflection(
         (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server)
-    port = server.add_insecure_port(address)
+    if config.tls is not None:
+        port = server.add_secure_port(address, config.tls.server_credentials())
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
     return ControlServer(server, live, dispatcher, health_servicer, config), port
@@ -99,7 +106,10 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
 async def _serve(address: str, config: ServerConfig) -> None:
     server, port = create_server(address, config)
     await server.start()
-    log.info("trainctl server listening on %s (port %d), store %s", address, port, config.db_url)
+    log.info("trainctl server listening on %s (port %d, %s, auth %s)", address, port,
+             "TLS" if config.tls else "plaintext", "on" if config.tokens.enabled else "off")
+    if not config.tokens.enabled and not address.startswith(("127.", "localhost", "[::1]")):
+        log.warning("no tokens configured: anyone who reaches %s can submit and steer runs", address)
     print(f"trainctl server listening on port {port}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

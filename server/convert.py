@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trainctl.server.store import entities as e
@@ -26,7 +26,17 @@ def struct_from_dict(d: dict) -> struct_pb2.Struct:
 
 
 def dict_from_struct(s: struct_pb2.Struct) -> dict:
-    return json_format.MessageToDict(s)
+    """Plain Python values; unlike json_format this keeps NaN/inf as floats, so the spec
+    validator (not a JSON encoder) is the one that refuses them, naming the field."""
+    return _plain(s)
+
+
+def _plain(v):
+    if isinstance(v, struct_pb2.Struct):
+        return {k: _plain(v[k]) for k in v.keys()}
+    if isinstance(v, struct_pb2.ListValue):
+        return [_plain(x) for x in v]
+    return v
 
 
 def experiment_to_pb(x: e.Experiment) -> pb.Experiment:

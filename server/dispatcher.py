@@ -32,6 +32,9 @@ class WorkerSession:
     # (experiment_id, attempt) the worker trains now, None when idle.
     current: Optional[tuple[int, int]] = None
     draining: bool = False  # handed its run back because it is stopping: assign nothing
+    # Its lease expired while the stream stayed open (a frozen process): assign nothing
+    # until it speaks again.
+    suspect: bool = False
 
     def send(self, msg: pb.ServerMessage) -> None:
         self.outbox.put_nowait(msg)
@@ -49,10 +52,11 @@ class Lease:
 
 class Dispatcher:
     def __init__(self, store: AbstractStore, db: DbCall, *, lease_timeout: float,
-                 on_experiment_change: Callable[[e.Experiment], None]):
+                 on_experiment_change: Callable[[e.Experiment], None], recovery_grace: float = 10.0):
         self.store = store
         self.db = db
         self.lease_timeout = lease_timeout
+        self.recovery_grace = recovery_grace
         self.on_experiment_change = on_experiment_change
         self.sessions: dict[str, WorkerSession] = {}
         self.leases: dict[int, Lease] = {}
@@ -61,10 +65,12 @@ class Dispatcher:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        # Runs that were live when the server stopped keep a fresh lease: their workers
-        # may reconnect and re-adopt them; if none does in time they are requeued.
+        # Runs that were live when the server stopped keep a fresh lease (plus time for
+        # workers to notice and reconnect): their workers re-adopt them; if none does in
+        # time they are requeued.
+        expires = time.monotonic() + self.lease_timeout + self.recovery_grace
         for x in await self.db(self.store.list_experiments, [e.ASSIGNED, e.RUNNING], 100_000):
-            self.leases[x.id] = Lease(x.attempt, x.worker_id or "", time.monotonic() + self.lease_timeout)
+            self.leases[x.id] = Lease(x.attempt, x.worker_id or "", expires)
         self._task = asyncio.create_task(self._run(), name="dispatcher")
 
     async def stop(self) -> None:
@@ -138,7 +144,7 @@ class Dispatcher:
                 log.exception("dispatch pass failed")
 
     async def _assign(self) -> None:
-        idle = sorted((s for s in self.sessions.values() if s.current is None and not s.draining), key=lambda s: s.connected_at)
+        idle = sorted((s for s in self.sessions.values() if s.current is None and not s.draining and not s.suspect), key=lambda s: s.connected_at)
         for session in idle:
             x = await self.db(self.store.claim_next, session.worker_id, session.gpus)
             if x is None:
@@ -161,6 +167,7 @@ class Dispatcher:
             session = self.sessions.get(lease.worker_id)
             if session is not None and session.current == (exp_id, lease.attempt):
                 session.current = None
+                session.suspect = True
                 session.send(pb.ServerMessage(cancel=pb.CancelRun(
                     experiment_id=exp_id, attempt=lease.attempt, reason="lease expired; attempt fenced")))
             reason = f"worker {lease.worker_id or '?'} lost (no heartbeat for {self.lease_timeout:g} s)"

@@ -65,6 +65,7 @@ class WorkersService(pb_grpc.WorkersServicer):
     async def _read(self, request_iterator, session: WorkerSession) -> None:
         try:
             async for msg in request_iterator:
+                session.suspect = False
                 kind = msg.WhichOneof("msg")
                 if kind == "heartbeat":
                     if msg.heartbeat.experiment_id:
@@ -88,7 +89,7 @@ class WorkersService(pb_grpc.WorkersServicer):
         return False
 
     def _fence(self, session: WorkerSession, experiment_id: int, attempt: int, why: str) -> None:
-        log.info("worker %s: fenced message for experiment %d attempt %d: %s",
+        log.warning("worker %s: refused a message for experiment %d attempt %d (fenced): %s",
                  session.worker_id, experiment_id, attempt, why)
         if session.current == (experiment_id, attempt):
             session.current = None

@@ -246,3 +246,12 @@ def test_bad_target_shape_is_clear():
 def test_stored_spec_with_defaults_written_out_revalidates(name):
     p = LOSS.validate_python({"name": name})
     assert LOSS.validate_python(LOSS.dump_python(p, mode="json")) == p
+
+
+@pytest.mark.parametrize("value", ["inverse", [1.0, -2.0], [1.0, True], 3.0])
+def test_class_weights_one_clear_error(value):
+    with pytest.raises(ValidationError) as e:
+        LOSS.validate_python({"name": "focal", "alpha": value})
+    (err,) = e.value.errors()
+    assert err["loc"] == ("focal", "alpha")
+    assert err["msg"] == "must be 'balanced' or a list of numbers > 0"

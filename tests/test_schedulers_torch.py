@@ -4,7 +4,7 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch.optim import lr_scheduler as tls  # noqa: E402
 
-from test_schedulers import BASE, EPOCHS, N, SPE, _opt, close, ours, torch_ref  # noqa: E402
+from tests.test_schedulers import BASE, EPOCHS, N, SPE, _opt, close, ours, torch_ref  # noqa: E402
 
 from trainctl.workers.engine.schedulers import build_schedule  # noqa: E402
 

@@ -45,8 +45,8 @@ class OptimizerParams(_Strict):
 
 class EmaParams(_Strict):
     decay: float = Field(0.9998, gt=0, lt=1)
-    warmup: bool = False          # timm ModelEmaV3 warmup of the decay
-    # BYOL-style cosine schedule of the EMA decay towards 1.0 over the run.
+    warmup: bool = False          # timm ModelEmaV3 warmup: decay ramps up to `decay`
+    # BYOL-style schedule towards 1.0 over the run: tau_k = 1 - (1 - decay)(cos(pi k/K) + 1)/2.
     cosine_to_one: bool = False
 
 
@@ -58,18 +58,43 @@ class MixupParams(_Strict):
     label_smoothing: float = Field(0.1, ge=0, lt=1)
     off_epoch: Optional[int] = Field(None, ge=0)   # mixup stops from this epoch on
 
+    @model_validator(mode="after")
+    def _some_mixing(self) -> "MixupParams":
+        if self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise ValueError("mixup_alpha or cutmix_alpha must be > 0 (drop the section to turn mixing off)")
+        return self
+
+
+class MultiScaleParams(_Strict):
+    """Progressive multi-scale batches: each optimizer step trains at one size from
+    `resize_range` (both ends included, in steps of 16), chosen every `every` steps.
+    The first `every` steps use the largest size so peak memory shows at once."""
+
+    resize_range: tuple[int, int]
+    every: int = Field(10, ge=1)
+
+    @field_validator("resize_range")
+    @classmethod
+    def _range(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if not 16 <= lo <= hi or (hi - lo) % 16:
+            raise ValueError(f"need 16 <= lo <= hi with hi - lo a multiple of 16, got {list(v)}")
+        return v
+
 
 class TrainParams(_Strict):
     epochs: int = Field(10, ge=1, le=100_000)
     seed: int = Field(0, ge=0)
-    amp: Union[bool, Literal["bf16", "fp16"]] = False
+    amp: Union[bool, Literal["bf16", "fp16"]] = False     # true = bf16; fp16 needs CUDA
     clip_grad: Optional[float] = Field(None, gt=0)
     clip_mode: Literal["norm", "value", "agc"] = "norm"
     grad_accum: int = Field(1, ge=1, le=1024)
     ema: Optional[EmaParams] = None
     mixup: Optional[MixupParams] = None
+    multiscale: Optional[MultiScaleParams] = None
     channels_last: bool = False
-    compile: bool = False
+    # true = inductor; "aot_eager" / "eager" are torch.compile's debugging backends.
+    compile: Union[bool, Literal["inductor", "aot_eager", "eager"]] = False
     deterministic: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Cap on optimizer steps per epoch (0 = the whole dataset); handy for smoke runs.
@@ -180,6 +205,8 @@ def _format_error(err: dict[str, Any]) -> str:
     template = _MESSAGES.get(kind)
     nums = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in ctx.items()}
     msg = template.format(**nums) if template else err["msg"].removeprefix("Value error, ")
+    if msg.startswith((f"{path}.", f"{path}:")):  # a model validator that names its own field
+        return msg
     inp = err.get("input")
     if kind not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)):
         msg += f", got {inp!r}"

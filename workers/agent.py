@@ -21,6 +21,7 @@ from typing import Optional
 
 import grpc
 
+from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.workers.shipper import Outbox, RunSink
@@ -51,8 +52,9 @@ class _Run:
 
 class Agent:
     def __init__(self, server: str, *, worker_id: Optional[str] = None, workdir: str = "runs",
-                 max_runs: int = 0, exit_when_idle: bool = False):
+                 max_runs: int = 0, token: Optional[str] = None):
         self.server = server
+        self.token = token
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.workdir = Path(workdir)
         self.max_runs = max_runs
@@ -63,6 +65,7 @@ class Agent:
         self.current: Optional[_Run] = None
         self._lock = threading.Lock()
         self._devices = local_devices()
+        self.exit_code = 0
 
     # ------------------------------------------------------------------ connection
     def _hello(self) -> pb.WorkerMessage:
@@ -83,18 +86,23 @@ class Agent:
         backoff = 0.2
         while not self.stopping.is_set():
             stream_stop = threading.Event()
-            channel = grpc.insecure_channel(self.server, options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.keepalive_time_ms", 10_000)])
+            channel = open_channel(self.server, (("grpc.keepalive_time_ms", 10_000),))
             try:
                 stub = pb_grpc.WorkersStub(channel)
                 responses = stub.Connect(self.outbox.stream(self._hello(), self._heartbeat,
-                                                            self.heartbeat_interval, stream_stop))
+                                                            self.heartbeat_interval, stream_stop),
+                                         metadata=auth_metadata(self.token))
                 for msg in responses:
                     backoff = 0.2
                     self._on_message(msg)
                 log.warning("server closed the stream")
             except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    # Retrying cannot fix a bad token: stop with the server's reason.
+                    log.error("server refused this worker: %s: %s", exc.code().name, exc.details())
+                    self.exit_code = 3
+                    self.stop()
+                    return
                 if not self.stopping.is_set():
                     log.warning("stream to %s broke: %s; reconnecting in %.1f s", self.server,
                                 exc.code().name if hasattr(exc, "code") else exc, backoff)
@@ -102,7 +110,7 @@ class Agent:
                 stream_stop.set()
                 channel.close()
             self.stopping.wait(backoff)
-            backoff = min(backoff * 2, 5.0) * (0.8 + 0.4 * random.random())
+            backoff = min(backoff * 2, 2.0) * (0.8 + 0.4 * random.random())
 
     def _on_message(self, msg: pb.ServerMessage) -> None:
         from trainctl.workers.engine.context import Command
@@ -125,7 +133,10 @@ class Agent:
             if kind == "control":
                 run.inbox.put(Command(body.command_id, VERB_OF_KIND.get(body.kind, "?"), body.value))
             else:
-                self.outbox.forget(body.experiment_id, body.attempt) if "fenced" in body.reason else None
+                if "fenced" in body.reason:
+                    log.warning("experiment %d attempt %d fenced by the server; dropping it: %s",
+                                body.experiment_id, body.attempt, body.reason)
+                    self.outbox.forget(body.experiment_id, body.attempt)
                 run.inbox.cancel(body.reason)
 
     # ------------------------------------------------------------------ running
@@ -145,17 +156,20 @@ class Agent:
                 break
         self._drain(timeout=10)
         self.stopping.set()
-        return 0
+        return self.exit_code
 
     def _drain(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.outbox.pending() and time.monotonic() < deadline:
             time.sleep(0.05)
+        # The last message (a final state) left the outbox but may still sit in gRPC's
+        # send buffer; give it a moment before the process exits.
+        time.sleep(0.3)
 
     def _state(self, run: _Run, state: int, message: str = "", summary: Optional[dict] = None) -> None:
         self.outbox.send(pb.WorkerMessage(state=pb.StateUpdate(
             experiment_id=run.experiment_id, attempt=run.attempt, state=state, message=message,
-            summary=summary or {})))
+            summary=summary or {})), sticky=True)
 
     def _train(self, a: pb.Assignment) -> None:
         from trainctl.server.convert import dict_from_struct
@@ -167,7 +181,7 @@ class Agent:
             self.outbox.send(pb.WorkerMessage(ack=pb.ControlAck(
                 experiment_id=a.experiment_id, attempt=a.attempt, command_id=ack.command_id, ok=ack.ok,
                 applied_step=ack.applied_step, old_value=ack.old_value, new_value=ack.new_value,
-                message=ack.message)))
+                message=ack.message)), sticky=True)
 
         inbox = ControlInbox(scheduled=_scheduled_commands(a), on_ack=send_ack)
         for cmd in _live_commands(a):

@@ -8,7 +8,10 @@ other messages keep their place after the rows logged before them, so the last m
 always precede the final state.
 
 Batches stay in `unacked` until the server's BatchAck, so after a reconnect they are
-sent again; the server's store ignores the copies it already has.
+sent again; the server's store ignores the copies it already has. State updates and
+control acks are "sticky": the latest ones are sent again after every reconnect (the
+server treats a repeated state or ack as a no-op), so a run that finished while the
+server was down is not left RUNNING.
 """
 from __future__ import annotations
 
@@ -39,6 +42,8 @@ class _Row:
 
 
 class Outbox:
+    MAX_STICKY = 1000
+
     def __init__(self, max_unacked_batches: int = 100_000):
         self._q: "queue.Queue[object]" = queue.Queue()
         self._seq: dict[tuple[int, int], int] = {}
@@ -46,9 +51,18 @@ class Outbox:
         self.unacked: "OrderedDict[tuple[int, int, int], pb.MetricBatch]" = OrderedDict()
         self.max_unacked = max_unacked_batches
         self.dropped_batches = 0
+        self._sticky: "OrderedDict[tuple, pb.WorkerMessage]" = OrderedDict()
 
     # ------------------------------------------------------------------ producers
-    def send(self, msg: pb.WorkerMessage) -> None:
+    def send(self, msg: pb.WorkerMessage, *, sticky: bool = False) -> None:
+        if sticky:
+            body = getattr(msg, msg.WhichOneof("msg"))
+            key = (msg.WhichOneof("msg"), body.experiment_id, body.attempt, getattr(body, "command_id", ""))
+            with self._lock:
+                self._sticky.pop(key, None)
+                self._sticky[key] = msg
+                while len(self._sticky) > self.MAX_STICKY:
+                    self._sticky.popitem(last=False)
         self._q.put(msg)
 
     def row(self, experiment_id: int, attempt: int, scope: str, step: int, epoch: int, values: dict) -> None:
@@ -75,8 +89,10 @@ class Outbox:
         yield hello
         with self._lock:
             resend = list(self.unacked.values())
+            sticky = list(self._sticky.values())
         for batch in resend:
             yield pb.WorkerMessage(metrics=batch)
+        yield from sticky
         last_sent = time.monotonic()
         while not stop.is_set():
             timeout = max(0.0, interval - (time.monotonic() - last_sent))

@@ -6,12 +6,15 @@ the old and new value.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Optional
 
 from trainctl.spec import check_control_value
 from trainctl.workers.engine.context import Ack, Command
 from trainctl.workers.engine.optim import decaying_groups
+
+log = logging.getLogger(__name__)
 
 
 class ControlTargets:
@@ -27,9 +30,13 @@ def apply_command(cmd: Command, step: int, t: ControlTargets) -> Ack:
     try:
         check_control_value(cmd.verb, cmd.value)
         old, new = _APPLY[cmd.verb](cmd.value, step, t)
-    except (ValueError, KeyError) as exc:
-        msg = str(exc) if not isinstance(exc, KeyError) else f"unknown command {cmd.verb!r}"
-        return Ack(cmd.command_id, ok=False, applied_step=step, message=msg)
+    except KeyError:
+        return Ack(cmd.command_id, ok=False, applied_step=step, message=f"unknown command {cmd.verb!r}")
+    except ValueError as exc:
+        return Ack(cmd.command_id, ok=False, applied_step=step, message=str(exc))
+    except Exception as exc:  # a bug here must cost one command, never the run
+        log.exception("applying %s failed", cmd)
+        return Ack(cmd.command_id, ok=False, applied_step=step, message=f"{type(exc).__name__}: {exc}")
     return Ack(cmd.command_id, ok=True, applied_step=step, old_value=old, new_value=new)
 
 
@@ -48,13 +55,13 @@ def _set_lr_decay(g: float, step: int, t: ControlTargets) -> tuple[float, float]
 def _set_ema_decay(d: float, step: int, t: ControlTargets) -> tuple[float, float]:
     if t.ema is None:
         raise ValueError("set_ema_decay needs model EMA; enable train.ema in the spec")
-    old = float(t.ema.decay)
-    t.ema.decay = d
-    return old, d
+    return t.ema.set_decay(step, d)
 
 
 def _set_weight_decay(w: float, step: int, t: ControlTargets) -> tuple[float, float]:
     groups = decaying_groups(t.optimizer)
+    if not groups:
+        raise ValueError("set_weight_decay: the optimizer has no decaying parameter group")
     old = float(groups[0]["weight_decay"]) if groups else math.nan
     for g in groups:
         g["weight_decay"] = w

@@ -3,6 +3,11 @@
 Loss and correct counts stay on the device as tensors; every `sync_every` steps they
 are stacked and copied out in one transfer, then handed to the sink row by row. On
 CPU `sync_every=1` (a copy is free there, and watchers see each step at once).
+The rows are the same whatever `sync_every` is; only when they reach the sink differs.
+
+A non-finite loss is therefore seen up to `sync_every` steps late; the step number it
+reports is still the exact step, and non-finite steps are kept out of the epoch sums
+(so a run with `on_nonfinite: skip` still reports a meaningful train_loss).
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ class EpochSums:
     correct: int = 0
     seen: int = 0
     first_nonfinite_step: Optional[int] = None
+    nonfinite_steps: int = 0
 
 
 @dataclass
@@ -39,6 +45,11 @@ class StepStats:
         if len(self._pending) >= self.sync_every:
             self._drain()
 
+    @property
+    def first_nonfinite_step(self) -> Optional[int]:
+        """Of the steps drained so far this epoch."""
+        return self._sums.first_nonfinite_step
+
     def flush(self) -> EpochSums:
         """Drain pending steps and return (and reset) the epoch's running sums."""
         self._drain()
@@ -53,11 +64,14 @@ class StepStats:
         corrects = torch.stack([p[4] for p in self._pending]).cpu().tolist()
         for (step, epoch, lr, _, _, n, dt), loss_sum, correct in zip(self._pending, losses, corrects):
             loss = loss_sum / n
-            if not math.isfinite(loss) and self._sums.first_nonfinite_step is None:
-                self._sums.first_nonfinite_step = step
-            self._sums.loss_sum += loss_sum
-            self._sums.correct += int(correct)
-            self._sums.seen += n
+            if math.isfinite(loss):
+                self._sums.loss_sum += loss_sum
+                self._sums.correct += int(correct)
+                self._sums.seen += n
+            else:
+                self._sums.nonfinite_steps += 1
+                if self._sums.first_nonfinite_step is None:
+                    self._sums.first_nonfinite_step = step
             self.sink.log(STEP, step, epoch, {"lr": lr, "loss": loss, "acc": correct / n,
                                               "samples_per_sec": n / dt if dt > 0 else math.nan})
         self._pending.clear()

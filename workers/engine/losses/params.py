@@ -6,11 +6,26 @@ from __future__ import annotations
 
 from typing import Annotated, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PositiveFloat
+from pydantic_core import PydanticCustomError
+
+
+def _class_weights(value):
+    # Checked up front so a bad value gets one message, not one per union member
+    # ("class_weights.literal['balanced']: ...; class_weights.list[...]: ...").
+    ok = value is None or value == "balanced" or (
+        isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in value))
+    if not ok:
+        raise PydanticCustomError("class_weights",
+                                  "must be 'balanced' or a list of numbers > 0")
+    return value
+
 
 # Per-class weights: explicit (one positive number per class, length checked at build
 # time when the class count is known) or "balanced" = n / (C * n_j), sklearn's rule.
-ClassWeights = Optional[Union[Literal["balanced"], List[PositiveFloat]]]
+ClassWeights = Annotated[Optional[Union[Literal["balanced"], List[PositiveFloat]]],
+                         BeforeValidator(_class_weights)]
 
 
 class _Loss(BaseModel):

@@ -1,0 +1,38 @@
+"""Validation: loss, top-1 and balanced accuracy from one confusion matrix.
+
+Everything accumulates on the device; one copy to the host per evaluation.
+Balanced accuracy (the mean of per-class recalls) is what long-tailed runs compare.
+"""
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader, *, device: torch.device, num_classes: int,
+             autocast: Callable[[], AbstractContextManager], channels_last: bool = False) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.long, device=device)
+    for x, y in loader:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes ** 2)
+    confusion = confusion.view(num_classes, num_classes).cpu()
+    seen = int(confusion.sum())
+    per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
+    present = confusion.sum(1) > 0
+    model.train(was_training)
+    return {"val_loss": float(loss_sum) / max(seen, 1),
+            "val_top1": float(confusion.diag().sum()) / max(seen, 1),
+            # classes absent from validation would count as 0 recall; leave them out
+            "val_balanced_acc": float(per_class[present].mean()) if present.any() else 0.0}
