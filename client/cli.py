@@ -36,8 +36,14 @@ def cmd_server(args) -> int:
     tokens = Tokens.load(client=args.client_token, worker=args.worker_token,
                          client_file=args.client_token_file, worker_file=args.worker_token_file)
     tls = TlsFiles(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
-    serve(args.listen, ServerConfig(db_url=args.db, heartbeat_interval=args.heartbeat,
-                                    lease_timeout=args.lease_timeout, grace=args.grace, tokens=tokens, tls=tls))
+    from trainctl.server.store.errors import StoreError
+
+    try:
+        serve(args.listen, ServerConfig(db_url=args.db, heartbeat_interval=args.heartbeat,
+                                        lease_timeout=args.lease_timeout, grace=args.grace, tokens=tokens, tls=tls))
+    except StoreError as exc:  # e.g. a database written by a newer trainctl
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -351,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = s.add_subparsers(dest="schedule_command", required=True, metavar="SUBCOMMAND")
     s = ssub.add_parser("preview", help="the LR at every step of a spec (controls applied), without training")
     s.add_argument("spec", help="spec file (YAML/JSON)")
-    s.add_argument("--steps-per-epoch", type=int, default=None,
+    s.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
                    help="optimizer steps per epoch; default: count them from the dataset as the worker does")
     s.add_argument("--png", metavar="FILE", help="also write a plot (epochs on the x axis)")
     s.add_argument("--json", action="store_true", help='{"steps_per_epoch", "epochs", "lr": [...], ...}')

@@ -165,14 +165,17 @@ def _series(metrics: dict, key: str):
 
 
 def _smooth(values: list[float], window: int) -> list[float]:
+    """Centred moving average (no lag against the raw curve); shrinks at the ends."""
     if window <= 1 or len(values) < 3:
         return values
-    out, acc = [], 0.0
-    for i, v in enumerate(values):
-        acc += v
-        if i >= window:
-            acc -= values[i - window]
-        out.append(acc / min(i + 1, window))
+    prefix = [0.0]
+    for v in values:
+        prefix.append(prefix[-1] + v)
+    half, n = window // 2, len(values)
+    out = []
+    for i in range(n):
+        a, b = max(0, i - half), min(n, i + half + 1)
+        out.append((prefix[b] - prefix[a]) / (b - a))
     return out
 
 

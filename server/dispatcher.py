@@ -29,6 +29,7 @@ class WorkerSession:
     gpus: int
     outbox: "asyncio.Queue[Optional[pb.ServerMessage]]" = field(default_factory=asyncio.Queue)
     connected_at: float = field(default_factory=time.monotonic)
+    last_seen: float = field(default_factory=time.monotonic)
     # (experiment_id, attempt) the worker trains now, None when idle.
     current: Optional[tuple[int, int]] = None
     draining: bool = False  # handed its run back because it is stopping: assign nothing
@@ -87,10 +88,15 @@ class Dispatcher:
         self._wake.set()
 
     # ------------------------------------------------------------------ workers
+    def live_session(self, worker_id: str, quiet_after: float) -> Optional[WorkerSession]:
+        """The connected session of `worker_id` if it was heard from in `quiet_after` s."""
+        old = self.sessions.get(worker_id)
+        return old if old is not None and time.monotonic() - old.last_seen < quiet_after else None
+
     def register(self, session: WorkerSession) -> None:
         old = self.sessions.get(session.worker_id)
         if old is not None:
-            old.close()  # the same worker reconnected; the old stream is dead
+            old.close()  # the same worker reconnected and the old stream went quiet
         self.sessions[session.worker_id] = session
         self.kick()
 

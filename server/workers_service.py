@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 
 import grpc
 
@@ -35,6 +36,11 @@ class WorkersService(pb_grpc.WorkersServicer):
         if first.WhichOneof("msg") != "hello" or not first.hello.worker_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "hello: the first message must be a hello with worker_id")
         hello = first.hello
+        if self.dispatcher.live_session(hello.worker_id, quiet_after=2.5 * self.heartbeat_interval):
+            # Another live process already speaks for this id: refuse rather than let a
+            # second Connect hijack (or double-run) that worker's assignments.
+            await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                                f"hello.worker_id: worker {hello.worker_id!r} is already connected")
         session = WorkerSession(worker_id=hello.worker_id, hostname=hello.hostname,
                                 gpus=sum(1 for d in hello.devices if d.kind == "cuda"))
         await self.db(self.store.upsert_worker, hello.worker_id, hello.hostname,
@@ -66,6 +72,7 @@ class WorkersService(pb_grpc.WorkersServicer):
         try:
             async for msg in request_iterator:
                 session.suspect = False
+                session.last_seen = time.monotonic()
                 kind = msg.WhichOneof("msg")
                 if kind == "heartbeat":
                     if msg.heartbeat.experiment_id:

@@ -126,3 +126,45 @@ def test_scale_lr_nan_is_invalid_argument(server_only):
         x = c.submit(digits_spec("nan"))
         assert _code(c.scale_lr, x.id, float("nan")).code == "INVALID_ARGUMENT"
         c.cancel(x.id)
+
+
+def test_second_connect_with_a_live_worker_id_is_refused(server_only):
+    import threading
+
+    hello = pb.WorkerMessage(hello=pb.Hello(worker_id="dup-worker", hostname="h"))
+    stop = threading.Event()
+
+    def first_requests():
+        yield hello
+        while not stop.wait(0.2):
+            yield pb.WorkerMessage(heartbeat=pb.Heartbeat())
+
+    with grpc.insecure_channel(server_only.address) as ch:
+        stub = pb_grpc.WorkersStub(ch)
+        first = stub.Connect(first_requests())
+        assert next(first).WhichOneof("msg") == "welcome"
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Connect(iter([hello]), timeout=10))
+            assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            assert "dup-worker" in info.value.details()
+        finally:
+            stop.set()
+            first.cancel()
+
+
+def test_server_refuses_a_database_from_a_newer_version(tmp_path):
+    import sqlite3
+    import subprocess
+    import sys
+
+    from trainctl.server.store import open_store
+
+    db = tmp_path / "newer.db"
+    open_store(f"sqlite:///{db}").close()
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE alembic_version SET version_num='9999_from_the_future'")
+    out = subprocess.run([sys.executable, "-m", "trainctl.client.cli", "server", "--listen", "127.0.0.1:0",
+                          "--db", f"sqlite:///{db}"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "9999_from_the_future" in out.stderr and "newer" in out.stderr and "Traceback" not in out.stderr

@@ -190,8 +190,9 @@ def test_experiment_png_without_a_server(tmp_path):
     acc = [min(1.0, 0.1 + s / len(steps)) for s in steps]
     ep_steps = [spe * (e + 1) for e in range(epochs)]
 
-    def series(st, vals):
-        return {"step": st, "epoch": [min(s // spe, epochs - 1) for s in st], "value": vals}
+    def series(st, vals):  # epoch rows are logged at the step count after the epoch
+        return {"step": st, "epoch": [min(s // spe, epochs - 1) if st is steps else s // spe - 1 for s in st],
+                "value": vals}
 
     metrics = {"STEP/lr": series(steps, lr), "STEP/loss": series(steps, loss), "STEP/acc": series(steps, acc),
                "EPOCH/train_loss": series(ep_steps, [1.0 / (e + 1) for e in range(epochs)]),

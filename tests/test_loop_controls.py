@@ -1,0 +1,97 @@
+"""Controls at loop level: applied at the start of the step, acked with the applied step
+and old/new values; refusals are acks with ok=False, never a crashed run."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tests.test_loop_support import make_trainer, one_thread, tiny_spec  # noqa: F401
+from trainctl.workers.engine.context import Command
+from trainctl.workers.engine.optim import decaying_groups
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _lrs(sink):
+    return dict(sink.series("lr"))
+
+
+def test_set_lr_and_scale_lr_apply_at_the_start_of_their_step():
+    spec = tiny_spec(train={"epochs": 2, "max_steps_per_epoch": 4})
+    plain, plain_sink, _ = make_trainer(spec)
+    plain.run()
+    before = _lrs(plain_sink)
+    trainer, sink, inbox = make_trainer(spec, scheduled=[Command("a", "set_lr", 0.02, at_step=5),
+                                                         Command("b", "scale_lr", 0.5, at_step=6)])
+    trainer.run()
+    lrs = _lrs(sink)
+    assert all(lrs[s] == before[s] for s in range(5))
+    assert lrs[5] == pytest.approx(0.02, rel=1e-12)
+    a, b = inbox.acks
+    assert (a.command_id, a.ok, a.applied_step) == ("a", True, 5)
+    assert a.old_value == pytest.approx(before[5], rel=1e-12) and a.new_value == 0.02
+    assert (b.applied_step, b.old_value, b.new_value) == (6, pytest.approx(lrs[6] * 2), pytest.approx(lrs[6]))
+    # The schedule keeps its shape: every later LR is the original times the same factor.
+    factor = lrs[7] / before[7]
+    assert factor == pytest.approx(0.02 / before[5] * 0.5, rel=1e-9)
+    # The optimizer really trained with it.
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(lrs[7])
+
+
+def test_set_lr_decay_on_a_schedule_with_a_decay_factor_and_refused_without_one():
+    spec = tiny_spec(train={"epochs": 3, "max_steps_per_epoch": 2},
+                     schedule={"name": "step", "step_size": 1, "gamma": 0.5})
+    trainer, sink, inbox = make_trainer(spec, scheduled=[Command("g", "set_lr_decay", 0.1, at_step=3)])
+    trainer.run()
+    (ack,) = inbox.acks
+    assert (ack.ok, ack.applied_step, ack.old_value, ack.new_value) == (True, 3, 0.5, 0.1)
+    lrs = _lrs(sink)
+    assert lrs[3] == pytest.approx(0.025) and lrs[4] == pytest.approx(0.0025)   # decay at epoch 2 uses 0.1
+
+    trainer, _, inbox = make_trainer(tiny_spec(schedule={"name": "constant"}),
+                                     scheduled=[Command("g", "set_lr_decay", 0.1, at_step=1)])
+    trainer.run()
+    (ack,) = inbox.acks
+    assert not ack.ok and ack.applied_step == 1 and "step" in ack.message
+
+
+def test_set_weight_decay_changes_only_the_decaying_group():
+    trainer, _, inbox = make_trainer(tiny_spec(), scheduled=[Command("w", "set_weight_decay", 0.02, at_step=2)])
+    trainer.run()
+    (ack,) = inbox.acks
+    assert (ack.ok, ack.applied_step, ack.old_value, ack.new_value) == (True, 2, 1e-4, 0.02)
+    groups = trainer.optimizer.param_groups
+    assert [g["weight_decay"] for g in decaying_groups(trainer.optimizer)] == [0.02]
+    assert [g["weight_decay"] for g in groups if not g.get("decays")] == [0.0]
+
+
+def test_set_ema_decay_with_and_without_ema():
+    spec = tiny_spec(train={"ema": {"decay": 0.9}})
+    trainer, sink, inbox = make_trainer(spec, scheduled=[Command("e", "set_ema_decay", 0.99, at_step=3)])
+    trainer.run()
+    (ack,) = inbox.acks
+    assert (ack.ok, ack.applied_step, ack.old_value, ack.new_value) == (True, 3, 0.9, 0.99)
+    assert trainer.ema.target_decay(7) == 0.99
+
+    trainer, sink, inbox = make_trainer(tiny_spec(), scheduled=[Command("e", "set_ema_decay", 0.99, at_step=3)])
+    summary = trainer.run()
+    (ack,) = inbox.acks
+    assert not ack.ok and ack.applied_step == 3 and "train.ema" in ack.message
+    assert summary.steps == 8
+
+
+@pytest.mark.parametrize("verb,value,fragment", [
+    ("set_lr", -1.0, "must be > 0"),
+    ("set_lr", math.nan, "finite"),
+    ("set_ema_decay", 1.5, "(0, 1]"),
+    ("warp_speed", 1.0, "unknown command"),
+])
+def test_invalid_commands_are_refused_and_the_run_goes_on(verb, value, fragment):
+    trainer, sink, inbox = make_trainer(tiny_spec(train={"epochs": 1, "max_steps_per_epoch": 3}))
+    inbox.put(Command("bad", verb, value))
+    inbox.put(Command("good", "set_lr", 0.01))
+    trainer.run()
+    bad, good = inbox.acks
+    assert not bad.ok and fragment in bad.message and bad.applied_step == 0
+    assert good.ok and dict(sink.series("lr"))[0] == 0.01
