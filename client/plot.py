@@ -199,6 +199,7 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
                                                  layout="constrained", height_ratios=[1, 1.2, 1.2])
     n_pts = max(len(s[0]) for s in (lr, step_loss, step_acc) if s)
     window = max(1, n_pts // 50)
+    raw_alpha = 0.3 if window > 1 else 0.75   # faint under a smoothed line, plain on its own
     drawn: list[str] = []
 
     if lr:
@@ -209,7 +210,8 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
     _sci_axis(ax_lr)
 
     if step_loss:
-        ax_loss.plot(*step_loss, color="tab:blue", lw=0.7, alpha=0.3, label="train loss (batch)")
+        ax_loss.plot(*step_loss, color="tab:blue", lw=0.7 if window > 1 else 1.1, alpha=raw_alpha,
+                     label="train loss (batch)")
         if window > 1:
             ax_loss.plot(step_loss[0], _smooth(step_loss[1], window), color="tab:blue", lw=1.4,
                          label=f"train loss (batch, mean of {window})")
@@ -224,7 +226,8 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
     ax_loss.set_ylabel("loss")
 
     if step_acc:
-        ax_acc.plot(*step_acc, color="tab:blue", lw=0.7, alpha=0.3, label="batch acc")
+        ax_acc.plot(*step_acc, color="tab:blue", lw=0.7 if window > 1 else 1.1, alpha=raw_alpha,
+                    label="batch acc")
         if window > 1:
             ax_acc.plot(step_acc[0], _smooth(step_acc[1], window), color="tab:blue", lw=1.4,
                         label=f"batch acc (mean of {window})")
@@ -250,9 +253,11 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
         top.tick_params(labelsize=8)
 
     acc = x.summary.get("val_top1")
-    sched = (x.spec.get("schedule") or {}).get("name", "?")
-    ax_lr.set_title(f"experiment {x.id}: {x.name}  [{x.state}]\nschedule {sched}, lr {_fmt_lr(x.spec)}"
-                    + (f", val top-1 {acc:.4f}" if acc is not None else ""), fontsize=10)
+    sched = (x.spec.get("schedule") or {}).get("name")
+    facts = ([f"schedule {sched}"] if sched else []) + ([f"lr {_fmt_lr(x.spec)}"] if _fmt_lr(x.spec) else []) \
+        + ([f"val top-1 {acc:.4f}"] if acc is not None else [])
+    ax_lr.set_title(f"experiment {x.id}: {x.name}  [{x.state}]" + ("\n" + ", ".join(facts) if facts else ""),
+                    fontsize=10)
 
     markers = [Marker(r.applied_step, f"{r.kind.lower()} {r.value:g}", r.kind.lower())
                for r in controls if r.status == "APPLIED" and r.applied_step is not None]
@@ -268,4 +273,4 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
 
 def _fmt_lr(spec: dict) -> str:
     v = (spec.get("optimizer") or {}).get("lr")
-    return f"{v:g}" if isinstance(v, (int, float)) else "?"
+    return f"{v:g}" if isinstance(v, (int, float)) else ""

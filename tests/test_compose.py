@@ -429,8 +429,6 @@ def test_slim_server_serves_without_torch(slim_server):
     assert "slim server image" not in stack.procs["server"].output()
 
 
-@pytest.mark.xfail(strict=True, reason="trainctl/spec.py _check_model_name imports timm at Submit; "
-                   "the slim server image has none, so every Submit fails (see docs/deploy.md)")
 def test_slim_server_accepts_a_valid_spec(slim_server):
     _, address = slim_server
     with Client(address) as c:

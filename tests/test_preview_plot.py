@@ -156,7 +156,7 @@ def test_cli_preview_invalid_spec_exit_2(tmp_path, capsys):
 # ---------------------------------------------------------------------- plot
 @pytest.mark.slow  # trains a (tiny) real model in a worker process
 def test_cli_plot_experiment_with_control(cluster, tmp_path, capsys):
-    cluster.add_worker("w0")
+    cluster.add_worker("w0", "--max-runs", "1")   # exits after the run: quick teardown
     spec = digits_spec("p", epochs=1, max_steps=5, control=[{"at_step": 2, "set_lr": 0.01}])
     spec["train"].update(ema={"decay": 0.9}, checkpoint_every=0)   # no checkpoint: nothing to resume
     spec["max_restarts"] = 0
