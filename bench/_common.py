@@ -124,12 +124,6 @@ class Cluster:
         self.stop()
 
 
-def wait_for_worker(client, timeout: float = 60.0) -> None:
-    """Block until the server lists a connected worker (via a throwaway call)."""
-    # The SDK has no list-workers verb: the worker log line is the simplest signal.
-    time.sleep(0.2)
-
-
 # ---------------------------------------------------------------------- specs
 def spec(name: str, *, model: str = "resnet10t", img: int = 32, batch: int = 64, steps: int = 100,
          epochs: int = 1, samples: Optional[int] = None, model_kwargs: Optional[dict] = None,

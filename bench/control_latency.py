@@ -38,13 +38,17 @@ def main() -> None:
             time.sleep(0.1)
             if not w.is_alive():
                 raise RuntimeError(f"run ended early: {w.error or w.final}")
-        lat, bad = [], []
+        lat, bad, parts = [], [], []
         t_start = time.time()
         for i in range(args.commands):
             lr = 0.05 + 0.0001 * i
-            t0 = time.perf_counter()
+            t0, w0 = time.perf_counter(), time.time()
             r = client.set_lr(x.id, lr, wait=10)
             lat.append((time.perf_counter() - t0) * 1e3)
+            w1 = time.time()
+            if r.requested_at and r.applied_at:
+                parts.append(((r.requested_at - w0) * 1e3, (r.applied_at - r.requested_at) * 1e3,
+                              (w1 - r.applied_at) * 1e3))
             if r.status != "APPLIED" or r.applied_step is None or abs(r.new_value - lr) > 1e-12:
                 bad.append(r)
             time.sleep(args.gap_ms / 1e3)
@@ -61,6 +65,13 @@ def main() -> None:
               [[len(lat), len(bad), 1e3 / step_ms, step_ms, p50, pct(lat, 90), p99, max(lat), step_ms + 20,
                 "MET" if p99 <= step_ms + 20 and not bad else "gap"]],
               title="Control latency: set_lr acknowledged (applied) at the client")
+        print()
+        table(["segment", "p50 ms", "p99 ms"],
+              [[name, pct([p[i] for p in parts], 50), pct([p[i] for p in parts], 99)] for i, name in enumerate(
+                  ["client send -> server requested_at (RPC in, Get, spec check)",
+                   "requested_at -> applied_at (store, push, worker applies at step, ack, store)",
+                   "applied_at -> client has the reply"])],
+              title="Where the time goes (server clock = client clock, same machine)")
         if bad:
             print("first bad reply:", bad[0])
 

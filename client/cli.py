@@ -40,7 +40,8 @@ def cmd_server(args) -> int:
 
     try:
         serve(args.listen, ServerConfig(db_url=args.db, heartbeat_interval=args.heartbeat,
-                                        lease_timeout=args.lease_timeout, grace=args.grace, tokens=tokens, tls=tls))
+                                        lease_timeout=args.lease_timeout, grace=args.grace, tokens=tokens, tls=tls,
+                                        metrics_port=args.metrics_port))
     except StoreError as exc:  # e.g. a database written by a newer trainctl
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -237,6 +238,31 @@ def cmd_plot(args) -> int:
     return 0
 
 
+def cmd_export_tb(args) -> int:
+    from trainctl.client.tensorboard import export_experiment
+
+    with _client(args) as c:
+        out = export_experiment(c, args.id, args.logdir)
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"wrote {out['logdir']}: {out['points']} points in {len(out['tags'])} series, "
+              f"{out['controls']} control event(s); view with: tensorboard --logdir {args.logdir}")
+    return 0
+
+
+def cmd_top(args) -> int:
+    from trainctl.client.dashboard import run_top, snapshots
+    from trainctl.client.render import console
+
+    with _client(args) as c:
+        if args.json:
+            print(json.dumps([r.to_json() for r in snapshots(c, args.ids)]))
+        else:
+            run_top(c, args.ids, once=args.once, console=console)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from trainctl.client.demo import run_demo
 
@@ -267,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tls-key", default=env("TRAINCTL_TLS_KEY"), help="server private key (PEM)")
     s.add_argument("--tls-client-ca", default=env("TRAINCTL_TLS_CLIENT_CA"),
                    help="CA that client certificates must chain to (mutual TLS)")
+    s.add_argument("--metrics-port", type=int, default=env("TRAINCTL_METRICS_PORT"),
+                   help="serve Prometheus metrics on this port, same host as --listen (env TRAINCTL_METRICS_PORT); "
+                        "default off")
     s.set_defaults(fn=cmd_server)
 
     s = sub.add_parser("worker", help="run a worker that trains assigned experiments")
@@ -369,6 +398,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print what was plotted as JSON")
     _add_conn(s)
     s.set_defaults(fn=cmd_plot)
+
+    s = sub.add_parser("export-tb", help="write an experiment's metrics and controls as TensorBoard event files")
+    s.add_argument("id", type=int)
+    s.add_argument("--logdir", required=True, help="TensorBoard log dir; the run goes to LOGDIR/ID-NAME/")
+    s.add_argument("--json", action="store_true", help='{"id", "logdir", "tags", "points", "controls"}')
+    _add_conn(s)
+    s.set_defaults(fn=cmd_export_tb)
+
+    s = sub.add_parser("top", help="full-screen live table of several runs (default: all queued and running)")
+    s.add_argument("ids", type=int, nargs="*", metavar="ID")
+    s.add_argument("--once", action="store_true", help="print one frame and exit")
+    s.add_argument("--json", action="store_true", help="one snapshot of every run as JSON (implies --once)")
+    _add_conn(s)
+    s.set_defaults(fn=cmd_top)
 
     s = sub.add_parser("demo", help="server + worker on loopback, a digits run, an LR change mid-run")
     s.add_argument("--spec", default=None, help="spec to run (default: examples/digits.yaml)")

@@ -19,6 +19,7 @@ from trainctl.server.auth import AuthInterceptor, TlsFiles, Tokens
 from trainctl.server.dispatcher import Dispatcher
 from trainctl.server.experiments_service import ExperimentsService
 from trainctl.server.live import Live
+from trainctl.server.prometheus import MetricsEndpoint, listen_host
 from trainctl.server.store import open_store
 from trainctl.server.workers_service import WorkersService
 from trainctl.v1 import trainctl_pb2 as pb
@@ -41,18 +42,23 @@ class ServerConfig:
     grace: float = 10.0
     tokens: Tokens = Tokens()
     tls: TlsFiles | None = None
+    metrics_port: int | None = None  # Prometheus text endpoint on the --listen host; None = off
 
 
 class ControlServer:
     def __init__(self, grpc_server: grpc.aio.Server, live: Live, dispatcher: Dispatcher,
-                 health_servicer: health.aio.HealthServicer, config: ServerConfig):
+                 health_servicer: health.aio.HealthServicer, config: ServerConfig, *, host: str = "127.0.0.1"):
         self.grpc = grpc_server
+        self.host = host
+        self.metrics: MetricsEndpoint | None = None
         self.live = live
         self.dispatcher = dispatcher
         self.health = health_servicer
         self.config = config
 
     async def start(self) -> None:
+        if self.config.metrics_port is not None:  # first: a taken port fails before anything serves
+            self.metrics = MetricsEndpoint.start(self.host, self.config.metrics_port, self.live, self.dispatcher)
         await self.dispatcher.start()
         await self.grpc.start()
         for name in ("", *SERVICE_NAMES):
@@ -61,6 +67,9 @@ class ControlServer:
     async def stop(self, grace: float | None = None) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.metrics is not None:  # before the store closes under a scrape
+            self.metrics.stop()
+            self.metrics = None
         await self.dispatcher.stop()
         await self.grpc.stop(self.config.grace if grace is None else grace)
         self.live.close()  # waits for queued store writes
@@ -100,7 +109,7 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return ControlServer(server, live, dispatcher, health_servicer, config), port
+    return ControlServer(server, live, dispatcher, health_servicer, config, host=listen_host(address)), port
 
 
 async def _serve(address: str, config: ServerConfig) -> None:
@@ -111,6 +120,8 @@ async def _serve(address: str, config: ServerConfig) -> None:
     if not config.tokens.enabled and not address.startswith(("127.", "localhost", "[::1]")):
         log.warning("no tokens configured: anyone who reaches %s can submit and steer runs", address)
     print(f"trainctl server listening on port {port}", flush=True)
+    if server.metrics is not None:
+        print(f"prometheus metrics on http://{server.host}:{server.metrics.port}/metrics", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -61,7 +62,7 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         now = time.time()
         scheduled = [_record(x.id, KIND_OF_VERB[c.verb], c.value, e.SCHEDULED, now, at_step=c.at_step)
                      for c in spec.control]
-        for rec in [*scheduled, *(r.__class__(**{**r.__dict__, "experiment_id": x.id}) for r in extra_controls)]:
+        for rec in [*scheduled, *(dataclasses.replace(r, experiment_id=x.id) for r in extra_controls)]:
             await self.db(self.store.add_control, rec)
         self.dispatcher.kick()
         log.info("experiment %d %r queued", x.id, x.name)

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from trainctl.server import convert
 from trainctl.server.hub import Hub
+from trainctl.server.prometheus import ServerStats
 from trainctl.server.store import AbstractStore, entities as e
 from trainctl.v1 import trainctl_pb2 as pb
 
@@ -17,6 +18,7 @@ class Live:
     def __init__(self, store: AbstractStore, *, db_threads: int = 4, hub: Hub | None = None):
         self.store = store
         self.hub = hub or Hub()
+        self.stats = ServerStats()
         self._executor = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="store")
         self._waiters: dict[str, list[asyncio.Future]] = defaultdict(list)
 
@@ -34,6 +36,7 @@ class Live:
         self.hub.publish(x.id, pb.WatchEvent(experiment=convert.experiment_to_pb(x)))
 
     def control_resolved(self, rec: e.ControlRecord) -> None:
+        self.stats.control_resolved(rec)
         for fut in self._waiters.pop(rec.command_id, []):
             if not fut.done():
                 fut.set_result(rec)

@@ -106,11 +106,12 @@ class WorkersService(pb_grpc.WorkersServicer):
     async def _on_metrics(self, session: WorkerSession, batch: pb.MetricBatch) -> None:
         rows = [(r.step, r.epoch, r.wall_time, r.values) for r in batch.rows]
         try:
-            await self.db(self.store.add_metrics, batch.experiment_id, batch.attempt,
-                          pb.Scope.Name(batch.scope), list(batch.names), rows)
+            points = await self.db(self.store.add_metrics, batch.experiment_id, batch.attempt,
+                                   pb.Scope.Name(batch.scope), list(batch.names), rows)
         except (StaleAttempt, NotFound) as exc:
             self._fence(session, batch.experiment_id, batch.attempt, str(exc))
             return
+        self.live.stats.ingested(points)
         self._renew(session, batch.experiment_id, batch.attempt)
         session.send(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=batch.experiment_id,
                                                             attempt=batch.attempt, seq=batch.seq)))

@@ -1,5 +1,9 @@
-"""The store against a real SQLite file (no mocks): lifecycle, fencing, metrics,
-controls, workers, migrations and the SQLite settings the server relies on."""
+"""The store against real databases (no mocks): lifecycle, fencing, metrics, controls,
+workers, migrations and the SQLite settings the server relies on.
+
+Every test taking `store` or `store_url` runs twice: on a SQLite file and on a fresh
+database of a throwaway PostgreSQL server (tests/pg.py; those cases skip, saying why,
+where PostgreSQL's binaries cannot be found)."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import sqlite3
 import threading
 
 import pytest
+from sqlalchemy import text
 
 from trainctl.server.store import (
     ControlRecord,
@@ -19,6 +24,8 @@ from trainctl.server.store import (
     open_store,
 )
 
+pytest_plugins = ["tests.pg"]  # pg_server / pg_url: a throwaway PostgreSQL server
+
 NAN = float("nan")
 
 
@@ -27,9 +34,17 @@ def db_path(tmp_path):
     return tmp_path / "trainctl.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, db_path):
+    """URL of an empty database: a SQLite file, or a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{db_path}"
+    return request.getfixturevalue("pg_url")
+
+
 @pytest.fixture
-def store(db_path):
-    s = open_store(f"sqlite:///{db_path}")
+def store(store_url):
+    s = open_store(store_url)
     yield s
     s.close()
 
@@ -81,11 +96,12 @@ def test_claim_is_fifo_and_respects_gpus(store):
     assert store.claim_next("w3", free_gpus=8) is None
 
 
-def test_concurrent_claims_take_each_experiment_once(db_path, store):
+def test_concurrent_claims_take_each_experiment_once(store_url, store):
     ids = [store.create_experiment(f"e{i}", {}).id for i in range(60)]
-    # Two store objects on one file behave like two server processes: no shared
-    # in-process lock, only SQLite's BEGIN IMMEDIATE keeps them apart.
-    other = SqlAlchemyStore(f"sqlite:///{db_path}")
+    # Two store objects on one database behave like two server processes: no shared
+    # in-process lock, only SQLite's BEGIN IMMEDIATE or PostgreSQL's row locks (FOR
+    # UPDATE SKIP LOCKED) keep them apart.
+    other = SqlAlchemyStore(store_url)
     claimed: list[tuple[str, int]] = []
     errors: list[BaseException] = []
     start = threading.Barrier(8)
@@ -313,7 +329,7 @@ def test_workers(store):
 # ---------------------------------------------------------------- database
 
 
-def test_fresh_db_is_at_head_and_matches_models(store, db_path):
+def test_fresh_db_is_at_head_and_matches_models(store, store_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
@@ -321,32 +337,33 @@ def test_fresh_db_is_at_head_and_matches_models(store, db_path):
     from trainctl.server.store.sqlalchemy_store import alembic_config
     from trainctl.server.store.tables import metadata
 
-    heads = ScriptDirectory.from_config(alembic_config(f"sqlite:///{db_path}")).get_heads()
-    with sqlite3.connect(db_path) as conn:
-        assert [r[0] for r in conn.execute("SELECT version_num FROM alembic_version")] == heads
-    # The migrations and tables.py describe the same schema.
+    heads = ScriptDirectory.from_config(alembic_config(store_url)).get_heads()
     with store._engine.connect() as conn:
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == heads
+        # The migrations and tables.py describe the same schema.
         assert compare_metadata(MigrationContext.configure(conn), metadata) == []
 
 
-def test_newer_schema_is_refused(db_path):
-    open_store(f"sqlite:///{db_path}").close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE alembic_version SET version_num = '0099_future'")
+def test_newer_schema_is_refused(store_url):
+    with open_store(store_url) as s, s._engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
     with pytest.raises(SchemaTooNew, match=r"revision 0099_future is newer than this trainctl knows \(head 0001\)"):
-        open_store(f"sqlite:///{db_path}")
+        open_store(store_url)
 
 
-def test_sqlite_settings(store, db_path):
+def test_sqlite_settings(db_path):
+    store = open_store(f"sqlite:///{db_path}")
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     with store._engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+    store.close()
 
 
-def test_data_survives_reopen(db_path):
-    s = open_store(str(db_path))  # a bare path means a SQLite file
+def test_data_survives_reopen(store_url, db_path):
+    # A bare path means a SQLite file.
+    s = open_store(str(db_path) if store_url.startswith("sqlite") else store_url)
     exp = running(s)
     s.add_metrics(exp.id, 1, "STEP", ["loss"], [(1, 0, 1.0, [math.pi])])
     s.add_control(ControlRecord("c1", exp.id, "SCALE_LR", 0.5))
@@ -354,7 +371,7 @@ def test_data_survives_reopen(db_path):
     before = s.get_experiment(exp.id)
     s.close()
 
-    s = open_store(f"sqlite:///{db_path}")
+    s = open_store(store_url)
     assert s.get_experiment(exp.id) == before
     assert s.get_metrics(exp.id)[0].values == [math.pi]
     assert s.list_controls(exp.id)[0].command_id == "c1"

@@ -147,8 +147,12 @@ class Spec(_Strict):
     model: ModelParams
     data: DataParams
     optimizer: OptimizerParams = OptimizerParams()
-    schedule: ScheduleParams = Field(default_factory=lambda: {"name": "constant"})  # type: ignore[assignment]
-    loss: LossParams = Field(default_factory=lambda: {"name": "cross_entropy"})  # type: ignore[assignment]
+    # Defaults are given as spec dicts and validated like user input, so they become the
+    # same typed params objects.
+    schedule: ScheduleParams = Field(default_factory=lambda: {"name": "constant"},  # type: ignore[assignment]
+                                     validate_default=True)
+    loss: LossParams = Field(default_factory=lambda: {"name": "cross_entropy"},  # type: ignore[assignment]
+                             validate_default=True)
     train: TrainParams = TrainParams()
     control: list[ControlEntry] = Field(default_factory=list, max_length=10_000)
     resources: Resources = Resources()
@@ -171,12 +175,14 @@ def check_control_value(verb: str, value: float) -> None:
     """Range rules shared by spec entries and live Control calls."""
     if value is None or not math.isfinite(value):
         raise ValueError(f"{verb} must be a finite number, got {value}")
+    if verb == "set_weight_decay":  # 0 switches weight decay off
+        if not 0 <= value <= 1:
+            raise ValueError(f"{verb} must be in [0, 1], got {value}")
+        return
     if value <= 0:
         raise ValueError(f"{verb} must be > 0, got {value}")
     if verb in ("set_lr_decay", "set_ema_decay") and value > 1:
         raise ValueError(f"{verb} must be in (0, 1], got {value}")
-    if verb == "set_weight_decay" and value > 1:
-        raise ValueError(f"{verb} must be <= 1, got {value}")
     if verb == "set_lr" and value > 100:
         raise ValueError(f"set_lr must be <= 100, got {value}")
 

@@ -28,7 +28,8 @@ from .sqlalchemy_store import SqlAlchemyStore
 def open_store(url: str) -> AbstractStore:
     """Open (creating and migrating as needed) the store at a SQLAlchemy URL.
 
-    A bare path is taken as a SQLite file, so `--db runs.db` works on the command line.
+    A bare path is taken as a SQLite file, so `--db runs.db` works on the command line;
+    `postgresql://` (or `postgres://`) uses psycopg 3, as `postgresql+psycopg://` does.
     """
     if "://" not in url:
         url = f"sqlite:///{url}"

@@ -10,8 +10,14 @@ never have its snapshot overtaken by another process's write, and busy_timeout q
 writers from other processes. WAL mode lets readers run next to that writer, each in a
 plain deferred `BEGIN` (a consistent snapshot).
 
-On PostgreSQL the lock is not used: row locks do the work (`FOR UPDATE SKIP LOCKED` in
-claim_next, the upsert's conflict handling for metrics).
+On PostgreSQL the lock is not used (several servers may share the database): row locks
+do the work. claim_next takes its candidate `FOR UPDATE SKIP LOCKED`, so concurrent
+claimers pass each other instead of queueing; every other read-then-write (transition,
+requeue, cancel, the fencing check of add_metrics, resolve_control) reads its row
+`FOR UPDATE`, so it cannot act on a state another transaction is changing (READ
+COMMITTED alone would let a requeue and a worker's COMPLETED both succeed). Inserts that
+may race (metrics, workers) are upserts; add_control catches the duplicate key. SQLite
+renders no FOR UPDATE: BEGIN IMMEDIATE has already serialised the transaction.
 """
 
 from __future__ import annotations
@@ -20,28 +26,21 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, func, select, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import StaticPool
 
+from . import dialects
 from . import entities as E
 from .base import AbstractStore
+from .convert import control as _control
+from .convert import experiment as _experiment
+from .convert import worker as _worker
 from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
-from .errors import InvalidTransition, NotFound, SchemaTooNew, StaleAttempt
+from .errors import InvalidTransition, NotFound, StaleAttempt
+from .migrate import alembic_config, upgrade_to_head  # noqa: F401 (alembic_config: for developers)
 from .tables import ControlModel, ExperimentModel, WorkerModel, metrics
-
-MIGRATIONS_DIR = Path(__file__).parent / "migrations"
-
-# How long a SQLite writer in another process waits for the write lock before failing.
-SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 # Parameter order of the metrics upsert (the table's column order).
 _METRIC_COLUMNS = ("experiment_id", "scope", "step", "epoch", "name", "value", "wall_time", "attempt")
@@ -53,38 +52,13 @@ _TRANSITIONS = {
 }
 
 
-def alembic_config(url: str) -> Config:
-    """An Alembic Config for the store's migrations (no alembic.ini needed).
-
-    For developers: `alembic.command.revision(alembic_config(url), "msg", autogenerate=True)`.
-    """
-    cfg = Config()
-    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
-    # ConfigParser interpolates '%', which URL-encoded passwords contain.
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    return cfg
-
-
 class SqlAlchemyStore(AbstractStore):
     def __init__(self, url: str):
-        self.url = url
-        parsed = make_url(url)
+        parsed = dialects.normalize_url(url)  # postgresql:// means psycopg 3
+        self.url = parsed.render_as_string(hide_password=False)
         self._dialect = parsed.get_backend_name()
-        if self._dialect not in ("sqlite", "postgresql"):
-            # The metrics upsert and claim_next's locking are written for these two.
-            raise ValueError(f"unsupported database {self._dialect!r} in {parsed!r}; use sqlite or postgresql")
-
-        in_memory = self._dialect == "sqlite" and parsed.database in (None, "", ":memory:")
-        engine_kw: dict = {}
-        if self._dialect == "sqlite":
-            # Connections are pooled and used from whichever gRPC thread asks.
-            engine_kw["connect_args"] = {"check_same_thread": False}
-            if in_memory:
-                # Every connection to ":memory:" would be a different, empty database.
-                engine_kw["poolclass"] = StaticPool
-        self._engine = create_engine(url, **engine_kw)
-        if self._dialect == "sqlite":
-            _install_sqlite_hooks(self._engine)
+        in_memory = dialects.is_sqlite_memory(parsed)
+        self._engine = dialects.make_engine(parsed)
         # Same pool, but a transaction begun through it is a write (BEGIN IMMEDIATE).
         self._write_engine = self._engine.execution_options(trainctl_write=True)
 
@@ -99,7 +73,7 @@ class SqlAlchemyStore(AbstractStore):
         # and plain tuples straight to the driver's executemany. Letting SQLAlchemy bind
         # each row's parameters instead costs more than SQLite's own work: ~105k vs
         # ~250k points/s on a 2-core box.
-        compiled = _metrics_upsert(self._dialect).compile(dialect=self._engine.dialect)
+        compiled = dialects.metrics_upsert(self._dialect).compile(dialect=self._engine.dialect)
         self._upsert_sql = str(compiled)
         self._upsert_positional = compiled.positional  # sqlite: qmark; psycopg: named
         if compiled.positional and list(compiled.positiontup) != list(_METRIC_COLUMNS):
@@ -124,28 +98,16 @@ class SqlAlchemyStore(AbstractStore):
             yield session
 
     def _migrate(self) -> None:
-        """Bring the schema to head, refusing a database written by a newer trainctl."""
-        cfg = alembic_config(self.url)
-        script = ScriptDirectory.from_config(cfg)
-        known = {rev.revision for rev in script.walk_revisions()}
-        heads = script.get_heads()
-        # One write transaction for check + upgrade: two processes opening a fresh file
-        # at once run the migration one after the other, the second finds it done.
         with self._write_lock, self._write_engine.begin() as conn:
-            current = MigrationContext.configure(conn).get_current_heads()
-            for rev in current:
-                if rev not in known:
-                    raise SchemaTooNew(rev, ", ".join(heads))
-            if set(current) != set(heads):
-                cfg.attributes["connection"] = conn
-                command.upgrade(cfg, "head")
+            upgrade_to_head(conn, self.url)
 
     def close(self) -> None:
         self._engine.dispose()
 
     @staticmethod
-    def _experiment_row(s: Session, id: int) -> ExperimentModel:
-        row = s.get(ExperimentModel, id)
+    def _experiment_row(s: Session, id: int, *, lock: bool = False) -> ExperimentModel:
+        """The row; `lock` (for read-then-write) takes it FOR UPDATE on PostgreSQL."""
+        row = s.get(ExperimentModel, id, with_for_update=lock)
         if row is None:
             raise NotFound("experiment", id)
         return row
@@ -216,7 +178,7 @@ class SqlAlchemyStore(AbstractStore):
 
     def transition(self, id, attempt, state, *, message="", summary=None) -> Experiment:
         with self._session(write=True) as s:
-            row = self._experiment_row(s, id)
+            row = self._experiment_row(s, id, lock=True)
             self._check_live(id, attempt, row.attempt, row.worker_id)
             if state == row.state:
                 # A worker resending its last StateUpdate (after a reconnect) is harmless.
@@ -237,7 +199,7 @@ class SqlAlchemyStore(AbstractStore):
 
     def requeue(self, id, attempt, reason, *, count_restart=True) -> Experiment:
         with self._session(write=True) as s:
-            row = self._experiment_row(s, id)
+            row = self._experiment_row(s, id, lock=True)
             self._check_live(id, attempt, row.attempt, row.worker_id)
             if row.state not in E.ACTIVE_STATES:
                 raise InvalidTransition(id, row.state, E.QUEUED)
@@ -257,7 +219,7 @@ class SqlAlchemyStore(AbstractStore):
 
     def cancel(self, id, reason) -> Experiment:
         with self._session(write=True) as s:
-            row = self._experiment_row(s, id)
+            row = self._experiment_row(s, id, lock=True)
             if row.state in E.FINAL_STATES:
                 raise InvalidTransition(id, row.state, E.CANCELLED)
             row.state = E.CANCELLED
@@ -289,7 +251,10 @@ class SqlAlchemyStore(AbstractStore):
 
         with self._session(write=True) as s:
             current = s.execute(
-                select(ExperimentModel.attempt, ExperimentModel.worker_id).where(ExperimentModel.id == experiment_id)
+                select(ExperimentModel.attempt, ExperimentModel.worker_id)
+                .where(ExperimentModel.id == experiment_id)
+                # PostgreSQL: a requeue cannot fence this attempt between check and write.
+                .with_for_update()
             ).first()
             if current is None:
                 raise NotFound("experiment", experiment_id)
@@ -420,7 +385,8 @@ class SqlAlchemyStore(AbstractStore):
     ) -> ControlRecord:
         _check_one_of("status", status, (E.APPLIED, E.REJECTED))
         with self._session(write=True) as s:
-            row = s.get(ControlModel, command_id)
+            # FOR UPDATE (PostgreSQL): of two concurrent acks, the second sees the first's.
+            row = s.get(ControlModel, command_id, with_for_update=True)
             if row is None:
                 raise NotFound("control command", command_id)
             if row.status != E.PENDING:
@@ -449,16 +415,13 @@ class SqlAlchemyStore(AbstractStore):
     # ---------------------------------------------------------------- workers
 
     def upsert_worker(self, id, hostname, devices) -> Worker:
+        values = dict(hostname=hostname, devices=list(devices), connected=True, last_seen=time.time())
+        stmt = dialects.insert(self._dialect, WorkerModel.__table__).values(id=id, **values)
+        # One statement, so two servers registering the same worker at once cannot collide.
+        stmt = stmt.on_conflict_do_update(index_elements=[WorkerModel.id], set_=values)
         with self._session(write=True) as s:
-            row = s.get(WorkerModel, id)
-            if row is None:
-                row = WorkerModel(id=id)
-                s.add(row)
-            row.hostname = hostname
-            row.devices = list(devices)
-            row.connected = True
-            row.last_seen = time.time()
-            return _worker(row)
+            s.execute(stmt)
+            return _worker(s.get(WorkerModel, id, populate_existing=True))
 
     def mark_worker(self, id, connected) -> Worker:
         with self._session(write=True) as s:
@@ -477,45 +440,6 @@ class SqlAlchemyStore(AbstractStore):
 # -------------------------------------------------------------------- helpers
 
 
-def _install_sqlite_hooks(engine) -> None:
-    @event.listens_for(engine, "connect")
-    def _on_connect(dbapi_conn, _record):
-        # Take transaction control away from the sqlite3 module (which would BEGIN
-        # lazily, and always DEFERRED) so the "begin" hook below decides.
-        dbapi_conn.isolation_level = None
-        cur = dbapi_conn.cursor()
-        cur.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
-        cur.execute("PRAGMA synchronous=NORMAL")  # safe with WAL; fsync per checkpoint, not per commit
-        cur.execute("PRAGMA foreign_keys=ON")  # off by default in SQLite
-        cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cur.close()
-
-    @event.listens_for(engine, "begin")
-    def _on_begin(conn):
-        write = conn.get_execution_options().get("trainctl_write", False)
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
-
-
-def _metrics_upsert(dialect: str):
-    if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
-    stmt = insert(metrics)
-    return stmt.on_conflict_do_update(
-        index_elements=[metrics.c.experiment_id, metrics.c.name, metrics.c.scope, metrics.c.step],
-        set_={
-            "epoch": stmt.excluded.epoch,
-            "value": stmt.excluded.value,
-            "wall_time": stmt.excluded.wall_time,
-            "attempt": stmt.excluded.attempt,
-        },
-        # A resumed run (later attempt) recomputed this step: its value wins. A late
-        # batch from an older attempt never overwrites a newer one.
-        where=stmt.excluded.attempt >= metrics.c.attempt,
-    )
-
-
 def _step_before_epoch(rows_by_scope: dict[str, MetricRow]) -> list[MetricRow]:
     # The step row comes before the epoch row that ends at the same step: the order a
     # live stream produces them in, so Watch history and live events look alike.
@@ -525,52 +449,3 @@ def _step_before_epoch(rows_by_scope: dict[str, MetricRow]) -> list[MetricRow]:
 def _check_one_of(field: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")
-
-
-def _experiment(row: ExperimentModel) -> Experiment:
-    return Experiment(
-        id=row.id,
-        name=row.name,
-        state=row.state,
-        spec=row.spec,
-        created_at=row.created_at,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-        attempt=row.attempt,
-        worker_id=row.worker_id,
-        message=row.message,
-        summary=dict(row.summary or {}),
-        last_step=row.last_step,
-        max_restarts=row.max_restarts,
-        restarts=row.restarts,
-        gpus=row.gpus,
-        replay_of=row.replay_of,
-    )
-
-
-def _control(row: ControlModel) -> ControlRecord:
-    return ControlRecord(
-        command_id=row.command_id,
-        experiment_id=row.experiment_id,
-        kind=row.kind,
-        value=row.value,
-        status=row.status,
-        source=row.source,
-        requested_at=row.requested_at,
-        applied_at=row.applied_at,
-        applied_step=row.applied_step,
-        old_value=row.old_value,
-        new_value=row.new_value,
-        message=row.message,
-        at_step=row.at_step,
-    )
-
-
-def _worker(row: WorkerModel) -> Worker:
-    return Worker(
-        id=row.id,
-        hostname=row.hostname,
-        devices=list(row.devices or []),
-        connected=bool(row.connected),
-        last_seen=row.last_seen,
-    )
