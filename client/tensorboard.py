@@ -34,8 +34,9 @@ def scalar_event(tag: str, value: float, step: int, wall_time: float) -> event_p
 
 
 def text_event(tag: str, text: str, step: int, wall_time: float) -> event_pb2.Event:
-    shape = tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=1)])
-    t = tensor_pb2.TensorProto(dtype="DT_STRING", string_val=[text.encode()], tensor_shape=shape)
+    # A 0-d string: TensorBoard shows a paragraph (a 1-d one would be a one-cell table).
+    t = tensor_pb2.TensorProto(dtype="DT_STRING", string_val=[text.encode()],
+                               tensor_shape=tensor_shape_pb2.TensorShapeProto())
     v = summary_pb2.Summary.Value(tag=tag, tensor=t, metadata=_TEXT)
     return event_pb2.Event(wall_time=wall_time, step=step, summary=summary_pb2.Summary(value=[v]))
 

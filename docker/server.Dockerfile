@@ -17,12 +17,12 @@ COPY server ./server
 COPY workers ./workers
 COPY client ./client
 
-# `pip install .` resolves the core dependencies only: no [worker] extra, so no torch,
-# torchvision, timm, numpy or scikit-learn. The checks fail the build if that changes.
-ARG POSTGRES_DRIVER="psycopg[binary]==3.3.9"
-RUN pip install . "${POSTGRES_DRIVER}" \
+# Core dependencies plus the PostgreSQL driver and the Prometheus client; no [worker]
+# extra, so no torch, torchvision, timm, numpy or scikit-learn. The checks fail the build
+# if that changes.
+RUN pip install ".[postgres,metrics]" \
  && python -c "import importlib.util as u, sys; heavy = [m for m in ('torch', 'torchvision', 'timm') if u.find_spec(m)]; sys.exit('server image must not contain %s' % heavy if heavy else 0)" \
- && python -c "import trainctl.server.app, trainctl.client.cli, psycopg" \
+ && python -c "import trainctl.server.app, trainctl.client.cli, psycopg, prometheus_client" \
  && trainctl server --help >/dev/null \
  && cd / && rm -rf /opt/trainctl/src
 

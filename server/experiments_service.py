@@ -36,6 +36,7 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         self.store = live.store
         self.db = live.db
         self.dispatcher = dispatcher
+        self._refusals: dict[tuple[int, str], str] = {}
 
     async def _get(self, id: int, context) -> e.Experiment:
         try:
@@ -115,8 +116,11 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
             if x.is_final:
                 yield pb.WatchEvent(experiment=convert.experiment_to_pb(x))
                 return
+            backlog: list = []  # an event _coalesce took from the queue but could not merge
             while True:
-                event = await sub.get()
+                event = backlog.pop() if backlog else await sub.get()
+                if event is not None and event.WhichOneof("event") == "metrics":
+                    event, backlog = _coalesce(event, sub)
                 if event is None:
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                         f"watch of experiment {request.id} fell too far behind "
@@ -166,7 +170,10 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         if x.is_final:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"experiment {x.id} is {x.state}; it can no longer be steered")
-        problem = await self.db(_unsupported, x.spec, verb, request.value)
+        key = (x.id, verb)
+        if key not in self._refusals:  # the spec never changes: check each verb once
+            self._refusals[key] = await self.db(_unsupported, x.spec, verb, request.value)
+        problem = self._refusals[key]
         if problem:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
         command_id = request.command_id or uuid.uuid4().hex
@@ -224,6 +231,30 @@ def _unsupported(spec_dict: dict, verb: str, value: float) -> str:
     if verb == "set_ema_decay" and spec.train.ema is None:
         return "set_ema_decay needs model EMA; this experiment's spec has no train.ema"
     return ""
+
+
+COALESCE_ROWS = 2000
+
+
+def _coalesce(event: pb.WatchEvent, sub) -> tuple[pb.WatchEvent, list]:
+    """Merge metric batches already queued behind `event` (same run, scope, columns) into
+    one message, so a watcher that fell behind catches up in a few sends instead of
+    thousands. Returns the merged event and [the first queued event that did not fit]
+    (which may be the end-of-stream None), or []."""
+    first = event.metrics
+    merged: pb.MetricBatch | None = None
+    while not sub.queue.empty():
+        nxt = sub.queue.get_nowait()
+        b = nxt.metrics if nxt is not None and nxt.WhichOneof("event") == "metrics" else None
+        if b is None or (b.attempt, b.scope, list(b.names)) != (first.attempt, first.scope, list(first.names)) \
+                or len(first.rows) + (len(merged.rows) if merged else 0) + len(b.rows) > COALESCE_ROWS:
+            return (pb.WatchEvent(metrics=merged) if merged else event), [nxt]
+        if merged is None:
+            merged = pb.MetricBatch()
+            merged.CopyFrom(first)
+        merged.rows.extend(b.rows)
+        merged.seq = b.seq
+    return (pb.WatchEvent(metrics=merged) if merged else event), []
 
 
 def _after(event: pb.WatchEvent, sent: dict[int, int]) -> pb.WatchEvent | None:

@@ -113,7 +113,8 @@ def test_metrics_endpoints_are_per_server_and_stop_with_it(tmp_path):
 
 # ---------------------------------------------------------------------- tensorboard
 def test_export_tb_round_trips_exactly(tools, tmp_path, capsys):
-    from tensorboard.backend.event_processing.event_accumulator import TENSORS, EventAccumulator
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import SCALARS, TENSORS, EventAccumulator
     from tensorboard.util import tensor_util
 
     c, _, done, _, _ = tools
@@ -121,23 +122,24 @@ def test_export_tb_round_trips_exactly(tools, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert main(["export-tb", str(done), "--logdir", str(tmp_path), "-s", c.address]) == 0  # replaces, not doubles
     assert len(list((tmp_path / f"{done}-prom").glob("events.out.tfevents.*"))) == 1
-    acc = EventAccumulator(out["logdir"], size_guidance={TENSORS: 0})
+    acc = EventAccumulator(out["logdir"], size_guidance={SCALARS: 0, TENSORS: 0})
     acc.Reload()
     with c.client() as cl:
         series, controls = cl.metrics(done), cl.controls(done)
     tags = {f"{k.split('/')[0].lower()}/{k.split('/', 1)[1]}": v for k, v in series.items()}
     assert {"step/lr", "step/loss", "epoch/val_top1"} <= set(tags)
-    assert set(tags) | {"spec", "controls"} == set(acc.Tags()["tensors"])
+    assert set(acc.Tags()["scalars"]) == set(tags) and set(acc.Tags()["tensors"]) == {"spec", "controls"}
     for tag, s in tags.items():
-        events = acc.Tensors(tag)
+        events = acc.Scalars(tag)
         assert [e.step for e in events] == s["step"], tag
-        assert [tensor_util.make_ndarray(e.tensor_proto).item() for e in events] == s["value"], tag  # bit-exact
+        # exactly the stored value as TensorBoard keeps scalars: rounded to float32
+        assert [e.value for e in events] == [float(np.float32(v)) for v in s["value"]], tag
     (ctl,) = acc.Tensors("controls")
     (rec,) = [r for r in controls if r.source == "LIVE"]
     assert ctl.step == rec.applied_step
     text = tensor_util.make_ndarray(ctl.tensor_proto).item().decode()
     assert text.startswith("set_lr 0.02 (live) applied at step") and "-> 0.02" in text
-    assert acc.SummaryMetadata("step/lr").plugin_data.plugin_name == "scalars"
+    assert acc.SummaryMetadata("controls").plugin_data.plugin_name == "text"
     assert out["points"] == sum(len(s["step"]) for s in series.values()) and out["controls"] == 1
 
 

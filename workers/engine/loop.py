@@ -9,6 +9,12 @@ order in which they happen, which is what exact resume and replay depend on:
                optimizer step -> EMA update -> metrics (copied out in batches)
     per epoch: set_epoch (data, loss) ... evaluate raw and EMA -> schedule.on_epoch_end
                -> epoch row -> checkpoint
+
+Under DDP (a `RankContext` from `distributed.py`, launched by `workers/ddp.py`) the same
+order runs on every rank: each trains its shard through the DDP-wrapped model, the
+controls of a step come from rank 0's inbox by broadcast, step metrics are summed over
+ranks; rank 0 alone evaluates (its row is shared), logs, acks and writes checkpoints,
+which every rank loads on resume.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from trainctl.workers.engine.clip import clip_gradients
 from trainctl.workers.engine.context import EPOCH, TrainingContext
 from trainctl.workers.engine.control import ControlTargets, apply_command
 from trainctl.workers.engine.data import build_data
+from trainctl.workers.engine.distributed import RankContext
 from trainctl.workers.engine.ema import ModelEma
 from trainctl.workers.engine.evaluate import evaluate
 from trainctl.workers.engine.losses import build_loss
@@ -97,22 +104,25 @@ def compile_model(model: torch.nn.Module, setting) -> torch.nn.Module:
 
 
 class Trainer:
-    def __init__(self, spec: Spec, ctx: Optional[TrainingContext] = None):
+    def __init__(self, spec: Spec, ctx: Optional[TrainingContext] = None, dist: Optional[RankContext] = None):
         self.spec = spec
         self.ctx = ctx or TrainingContext()
+        self.dist = dist or RankContext()  # one process unless launched by workers/ddp.py
         tp = spec.train
+        # The same seed on every rank: identical RNG streams, so rank 0's saved RNG state
+        # is every rank's on resume (ranks differ by their data shard, not their RNG).
         seed_everything(tp.seed, tp.deterministic)
-        self.device = pick_device(tp.device)
+        self.device = self.dist.device if self.dist.enabled else pick_device(tp.device)
         try:
             self.precision = Precision(tp.amp, self.device)
         except PrecisionError as exc:
             raise TrainingError(str(exc)) from None
-        self.data = build_data(spec.data, seed=tp.seed)
+        self.data = build_data(spec.data, seed=tp.seed, rank=self.dist.rank, world_size=self.dist.world_size)
         self.model = build_model(spec.model, num_classes=self.data.num_classes, in_chans=self.data.in_chans,
                                  loss_name=spec.loss.name).to(self.device)
         if tp.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
-        self.forward = compile_model(self.model, tp.compile)
+        self.forward = compile_model(self.dist.wrap(self.model), tp.compile)
         self.loss_fn = build_loss(spec.loss, num_classes=self.data.num_classes,
                                   class_counts=self.data.class_counts).to(self.device)
         self.optimizer = build_optimizer(spec.optimizer, self.model)
@@ -133,7 +143,9 @@ class Trainer:
         self.targets = ControlTargets(self.schedule, self.optimizer, self.ema)
         # Stepping on GPU must not wait for the device: values stay on device and are
         # copied out in batches (every step on CPU, where a copy costs nothing).
-        self.stats = StepStats(self.ctx.sink, sync_every=1 if self.device.type == "cpu" else 16)
+        self.stats = StepStats(self.ctx.sink, sync_every=1 if self.device.type == "cpu" else 16,
+                               reduce=self.dist.all_sum if self.dist.enabled else None,
+                               world_size=self.dist.world_size)
         self.start_epoch, self.step, self.best, self.best_epoch = 0, 0, 0.0, -1
 
     # ------------------------------------------------------------------ the run
@@ -141,6 +153,8 @@ class Trainer:
         started = time.time()
         tp = self.spec.train
         self._maybe_resume()
+        if not self.dist.agree(self.step):
+            raise TrainingError("ranks resumed at different steps: every rank must see the same checkpoint directory")
         row = {"val_top1": 0.0, "val_loss": math.nan, "val_balanced_acc": 0.0, "train_loss": math.nan}
         last_progress = 0.0
         for epoch in range(self.start_epoch, tp.epochs):
@@ -151,12 +165,14 @@ class Trainer:
             t_epoch = time.perf_counter()
             batches = iter(self.data.train)
             for _ in range(self.steps_per_epoch):
-                self._apply_controls()
+                applied = self._apply_controls()
                 lr = self.schedule.lr_at(self.step)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
                 loss, correct, n = self._train_step(batches, epoch)
                 self.stats.add(self.step, epoch, lr, loss, correct, n)
+                self.dist.trace("step", step=self.step, lrs=[g["lr"] for g in self.optimizer.param_groups],
+                                loss_sum=loss, n=n, applied=applied)
                 self._check_finite(self.stats.first_nonfinite_step)
                 self.step += 1
                 now = time.monotonic()
@@ -169,11 +185,16 @@ class Trainer:
                        train_loss=row["train_loss"], steps=self.step, epochs=tp.epochs,
                        seconds=time.time() - started)
 
-    def _apply_controls(self) -> None:
-        if self.ctx.inbox.cancelled:
-            raise Cancelled(self.ctx.inbox.cancel_reason)
-        for cmd in self.ctx.inbox.due(self.step):
-            self.ctx.inbox.ack(apply_command(cmd, self.step, self.targets))
+    def _apply_controls(self) -> list[str]:
+        """Apply the commands due at this step (the same on every rank); ids applied."""
+        commands, cancel_reason = self.dist.due_commands(self.ctx.inbox, self.step)
+        if cancel_reason is not None:
+            raise Cancelled(cancel_reason)
+        for cmd in commands:
+            ack = apply_command(cmd, self.step, self.targets)
+            if self.dist.is_main:
+                self.ctx.inbox.ack(ack)
+        return [cmd.command_id for cmd in commands]
 
     def _train_step(self, batches, epoch: int):
         tp = self.spec.train
@@ -182,21 +203,23 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
-        for _ in range(tp.grad_accum):
+        for i in range(tp.grad_accum):
             x, y = next(batches)
             x, y = self._to_device(x, size), y.to(self.device, non_blocking=True)
             x, target = self.mixer(x, y, epoch) if self.mixer else (x, y)
-            with self.precision.autocast():
-                logits = self.forward(x)
-                # Mean over the whole optimizer batch: micro-batches are equal-sized.
-                loss = self.loss_fn(logits, target) / tp.grad_accum
-            self.precision.backward(loss)
+            # DDP all-reduces gradients once per step, on the last micro-batch
+            with self.dist.no_sync(self.forward, last=i == tp.grad_accum - 1):
+                with self.precision.autocast():
+                    logits = self.forward(x)
+                    # Mean over the whole optimizer batch: micro-batches are equal-sized.
+                    loss = self.loss_fn(logits, target) / tp.grad_accum
+                self.precision.backward(loss)
             total_loss += loss.detach().float() * tp.grad_accum * x.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             n += x.shape[0]
         # `skip` must decide before the update, so it reads the loss on the host: one
         # sync per step, the price of that option (the default `fail` has none).
-        if tp.on_nonfinite == "skip" and not bool(torch.isfinite(total_loss)):
+        if tp.on_nonfinite == "skip" and not self.dist.all_finite(total_loss):
             self.optimizer.zero_grad(set_to_none=True)
             return total_loss, correct, n
         self.precision.step(self.optimizer, self._clip)
@@ -226,26 +249,29 @@ class Trainer:
                         autocast=self.precision.autocast, channels_last=self.spec.train.channels_last)
 
     def _end_epoch(self, epoch: int, seconds: float) -> dict[str, float]:
-        sums = self.stats.flush()
+        sums = self.stats.flush()  # summed over ranks: the same on every rank
         self._check_finite(sums.first_nonfinite_step)
-        val = self._evaluate(self.model)
-        row = {"train_loss": sums.loss_sum / max(sums.seen, 1) if sums.seen else math.nan,
-               "train_acc": sums.correct / max(sums.seen, 1), **val, "epoch_time": seconds,
-               "lr": self.schedule.lr_at(self.step - 1)}
-        if sums.nonfinite_steps:
-            row["nonfinite_steps"] = float(sums.nonfinite_steps)
-        if self.ema is not None:
-            ema_val = self._evaluate(self.ema.module)
-            row.update({f"ema_{k}": v for k, v in ema_val.items()})
-            row["ema_decay"] = self.ema.target_decay(self.step - 1)
-        if val["val_top1"] > self.best or self.best_epoch < 0:
-            self.best, self.best_epoch = val["val_top1"], epoch
+        row = None
+        if self.dist.is_main:  # the validation set is not sharded: rank 0 evaluates
+            val = self._evaluate(self.model)
+            row = {"train_loss": sums.loss_sum / max(sums.seen, 1) if sums.seen else math.nan,
+                   "train_acc": sums.correct / max(sums.seen, 1), **val, "epoch_time": seconds,
+                   "lr": self.schedule.lr_at(self.step - 1)}
+            if sums.nonfinite_steps:
+                row["nonfinite_steps"] = float(sums.nonfinite_steps)
+            if self.ema is not None:
+                ema_val = self._evaluate(self.ema.module)
+                row.update({f"ema_{k}": v for k, v in ema_val.items()})
+                row["ema_decay"] = self.ema.target_decay(self.step - 1)
+        row = self.dist.share(row)  # plateau schedules and best epoch decide alike on all ranks
+        if row["val_top1"] > self.best or self.best_epoch < 0:
+            self.best, self.best_epoch = row["val_top1"], epoch
         row.update(best_val_top1=self.best, best_epoch=float(self.best_epoch))
         self.schedule.on_epoch_end(epoch, row)
         self.ctx.sink.log(EPOCH, self.step, epoch, row)
         self.ctx.sink.flush()
         every = self.spec.train.checkpoint_every
-        if self.ctx.checkpoint_dir and every and (epoch + 1) % every == 0:
+        if self.ctx.checkpoint_dir and every and (epoch + 1) % every == 0 and self.dist.is_main:
             self._save(epoch)
         return row
 
@@ -262,6 +288,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.precision.state_dict(),
         })
+        self.dist.trace("checkpoint", epoch=epoch, step=self.step)
 
     def _maybe_resume(self) -> None:
         path = self._checkpoint_path()

@@ -5,6 +5,11 @@ are stacked and copied out in one transfer, then handed to the sink row by row. 
 CPU `sync_every=1` (a copy is free there, and watchers see each step at once).
 The rows are the same whatever `sync_every` is; only when they reach the sink differs.
 
+Under DDP (`reduce` set, `world_size` ranks) each drain sums the pending loss and
+correct tensors over ranks with one all_reduce, so rows and epoch sums are global: the
+loss is the mean over all ranks' samples (the mean of the ranks' losses, their batches
+being equal), samples_per_sec counts every rank. Every rank drains at the same steps.
+
 A non-finite loss is therefore seen up to `sync_every` steps late; the step number it
 reports is still the exact step, and non-finite steps are kept out of the epoch sums
 (so a run with `on_nonfinite: skip` still reports a meaningful train_loss).
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -34,6 +39,8 @@ class EpochSums:
 class StepStats:
     sink: MetricsSink
     sync_every: int = 1
+    reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None  # sum over ranks
+    world_size: int = 1
     _pending: list = field(default_factory=list)
     _sums: EpochSums = field(default_factory=EpochSums)
     _last_time: float = field(default_factory=time.perf_counter)
@@ -60,9 +67,14 @@ class StepStats:
     def _drain(self) -> None:
         if not self._pending:
             return
-        losses = torch.stack([p[3] for p in self._pending]).float().cpu().tolist()
-        corrects = torch.stack([p[4] for p in self._pending]).cpu().tolist()
+        losses = torch.stack([p[3] for p in self._pending]).float()
+        corrects = torch.stack([p[4] for p in self._pending])
+        if self.reduce is not None:  # one collective for the whole drain
+            summed = self.reduce(torch.stack([losses.double(), corrects.double()]))
+            losses, corrects = summed[0], summed[1].round().long()
+        losses, corrects = losses.cpu().tolist(), corrects.cpu().tolist()
         for (step, epoch, lr, _, _, n, dt), loss_sum, correct in zip(self._pending, losses, corrects):
+            n *= self.world_size
             loss = loss_sum / n
             if math.isfinite(loss):
                 self._sums.loss_sum += loss_sum
