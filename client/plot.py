@@ -12,6 +12,7 @@ headroom so they never sit on the curve.
 from __future__ import annotations
 
 import math
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -132,8 +133,8 @@ def preview_png(p, path: str | Path, *, dpi: int = 130) -> Path:
     top = ax.secondary_xaxis("top", functions=(lambda e: e * spe, lambda s: s / spe))
     top.set_xlabel("step", fontsize=9)
     top.tick_params(labelsize=8)
-    ax.set_title(f"LR schedule preview: {p.name}\n{p.summary}, base_lr {p.base_lr:g}, "
-                 f"{p.epochs} epochs x {spe} steps", fontsize=10)
+    facts = textwrap.fill(f"{p.summary}, base_lr {p.base_lr:g}, {p.epochs} epochs x {spe} steps", width=110)
+    ax.set_title(f"LR schedule preview: {p.name}\n{facts}", fontsize=10)
     markers = []
     for c in p.controls:
         if c.status == "NEVER":

@@ -123,3 +123,24 @@ def test_training_failure_is_reported_not_crashed(cluster, tmp_path):
         # the worker survived and trains the next one
         y = c.submit(digits_spec("next", epochs=1, max_steps=2))
         assert c.wait(y.id, timeout=120).state == "COMPLETED", cluster.logs()
+
+
+def test_replay_reproduces_the_run_bit_for_bit(cluster):
+    cluster.add_worker("w0")
+    with cluster.client() as c:
+        x = c.submit(digits_spec("orig", epochs=2, max_steps=6, control=[{"at_step": 2, "scale_lr": 0.5}]))
+        for ev in c.watch(x.id):
+            if ev.kind == "step" and ev.step == 4:
+                assert c.set_lr(x.id, 0.03).status == "APPLIED"
+        assert c.get(x.id).state == "COMPLETED", cluster.logs()
+        y = c.replay(x.id)
+        assert y.replay_of == x.id
+        assert c.wait(y.id, timeout=120).state == "COMPLETED", cluster.logs()
+
+        orig, again = c.metrics(x.id), c.metrics(y.id)
+        for key in ("STEP/loss", "STEP/lr", "STEP/acc", "EPOCH/val_loss", "EPOCH/val_top1"):
+            assert again[key]["value"] == orig[key]["value"], key
+        live = next(r for r in c.controls(x.id) if r.source == "LIVE")
+        replayed = next(r for r in c.controls(y.id) if r.source == "REPLAYED")
+        assert (replayed.kind, replayed.value, replayed.applied_step) == (live.kind, live.value, live.applied_step)
+        assert c.get(y.id).summary["val_top1"] == c.get(x.id).summary["val_top1"]

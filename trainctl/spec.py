@@ -10,8 +10,6 @@ without the training stack.
 """
 from __future__ import annotations
 
-import functools
-import logging
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -254,24 +252,12 @@ def _ints_from_floats(value: Any) -> Any:
 
 
 def _check_model_name(spec: Spec) -> None:
-    try:
-        import timm  # noqa: F401
-    except ImportError:
-        # The slim server image has no training stack: the worker checks the name
-        # instead and fails the run with the same message.
-        _warn_once("timm is not installed here; model names are checked by the worker")
-        return
     from trainctl.workers.engine.models import known_model, suggest_models
 
     if not known_model(spec.model.name):
         hint = suggest_models(spec.model.name)
         extra = f"; did you mean {', '.join(hint)}?" if hint else ""
         raise SpecError([f"model.name: unknown timm model {spec.model.name!r}{extra}"])
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-    logging.getLogger(__name__).warning(message)
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:

@@ -58,7 +58,7 @@ class Agent:
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.workdir = Path(workdir)
         self.max_runs = max_runs
-        self.outbox = Outbox()
+        self.outbox = Outbox(spill_path=self.workdir / f"spill-{self.worker_id}.bin")
         self.assignments: "queue.Queue[pb.Assignment]" = queue.Queue()
         self.stopping = threading.Event()
         self.heartbeat_interval = 2.0
@@ -198,7 +198,12 @@ class Agent:
                               checkpoint_dir=str(self.workdir / f"exp-{a.experiment_id}"), on_progress=progress)
         try:
             spec = parse_spec(dict_from_struct(a.spec), check_model=False)
-            summary = Trainer(spec, ctx).run()
+            if spec.resources.nproc > 1 or spec.resources.nnodes > 1:
+                from trainctl.workers.ddp import run_ddp  # ranks via torch's elastic launcher
+
+                summary = run_ddp(spec, ctx)  # rank 0 bridged to this ctx (sink, inbox, progress)
+            else:
+                summary = Trainer(spec, ctx).run()
             self._state(run, pb.COMPLETED, summary=summary.as_dict())
             log.info("experiment %d completed: val_top1 %.4f", a.experiment_id, summary.val_top1)
         except Cancelled as exc:

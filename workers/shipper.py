@@ -7,8 +7,8 @@ of one per step (each message costs both processes about a millisecond of CPU, w
 short step cannot spare). Acks and state updates end the linger at once, and keep their
 place after the rows logged before them, so the last metrics precede the final state.
 
-Batches stay in `unacked` until the server's BatchAck, so after a reconnect they are
-sent again; the server's store ignores the copies it already has. State updates and
+Batches stay in `unacked` (spilling to disk past a bound) until the server's BatchAck,
+so after a reconnect they are sent again; the store ignores copies it already has. State updates and
 control acks are "sticky": the latest ones are sent again after every reconnect (the
 server treats a repeated state or ack as a no-op), so a run that finished while the
 server was down is not left RUNNING.
@@ -22,9 +22,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Optional
 
 from trainctl.v1 import trainctl_pb2 as pb
+from trainctl.workers.spill import UnackedBatches
 
 log = logging.getLogger(__name__)
 
@@ -46,25 +48,26 @@ class _Row:
 class Outbox:
     MAX_STICKY = 1000
 
-    def __init__(self, max_unacked_batches: int = 100_000):
+    def __init__(self, in_memory_batches: int = 10_000, spill_path: Optional[Path] = None):
         self._q: "queue.Queue[object]" = queue.Queue()
         self._seq: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
-        self.unacked: "OrderedDict[tuple[int, int, int], pb.MetricBatch]" = OrderedDict()
-        self.max_unacked = max_unacked_batches
-        self.dropped_batches = 0
+        self.unacked = UnackedBatches(in_memory_batches, spill_path)
         self._sticky: "OrderedDict[tuple, pb.WorkerMessage]" = OrderedDict()
+        # Sticky messages a stream already took from the queue: only these are resent
+        # after a reconnect (the others are still queued, behind the rows before them).
+        self._delivered: set[tuple] = set()
 
     # ------------------------------------------------------------------ producers
     def send(self, msg: pb.WorkerMessage, *, sticky: bool = False) -> None:
         if sticky:
-            body = getattr(msg, msg.WhichOneof("msg"))
-            key = (msg.WhichOneof("msg"), body.experiment_id, body.attempt, getattr(body, "command_id", ""))
             with self._lock:
+                key = _sticky_key(msg)
                 self._sticky.pop(key, None)
                 self._sticky[key] = msg
+                self._delivered.discard(key)
                 while len(self._sticky) > self.MAX_STICKY:
-                    self._sticky.popitem(last=False)
+                    self._delivered.discard(self._sticky.popitem(last=False)[0])
         self._q.put(msg)
 
     def row(self, experiment_id: int, attempt: int, scope: str, step: int, epoch: int, values: dict) -> None:
@@ -72,14 +75,12 @@ class Outbox:
 
     def acked(self, experiment_id: int, attempt: int, seq: int) -> None:
         with self._lock:
-            for key in [k for k in self.unacked if k[0] == experiment_id and k[1] == attempt and k[2] <= seq]:
-                del self.unacked[key]
+            self.unacked.ack(experiment_id, attempt, seq)
 
     def forget(self, experiment_id: int, attempt: int) -> None:
         """Drop what is still unacked for a fenced attempt: the server refuses it anyway."""
         with self._lock:
-            for key in [k for k in self.unacked if k[0] == experiment_id and k[1] == attempt]:
-                del self.unacked[key]
+            self.unacked.forget(experiment_id, attempt)
 
     def pending(self) -> int:
         return self._q.qsize() + len(self.unacked)
@@ -90,8 +91,8 @@ class Outbox:
         """The request iterator of one Connect call: hello, resends, then live traffic."""
         yield hello
         with self._lock:
-            resend = list(self.unacked.values())
-            sticky = list(self._sticky.values())
+            resend = list(self.unacked)
+            sticky = [m for k, m in self._sticky.items() if k in self._delivered]
         for batch in resend:
             yield pb.WorkerMessage(metrics=batch)
         yield from sticky
@@ -138,6 +139,9 @@ class Outbox:
             else:
                 yield from self._batches(rows)
                 rows = []
+                if item.WhichOneof("msg") in ("state", "ack"):  # type: ignore[union-attr]
+                    with self._lock:
+                        self._delivered.add(_sticky_key(item))
                 yield item  # type: ignore[misc]
         yield from self._batches(rows)
 
@@ -166,11 +170,14 @@ class Outbox:
         with self._lock:
             batch.seq = self._seq.get(key, 0) + 1
             self._seq[key] = batch.seq
-            self.unacked[(*key, batch.seq)] = batch
-            if len(self.unacked) > self.max_unacked:
-                self.unacked.popitem(last=False)
-                self.dropped_batches += 1
+            self.unacked.add((*key, batch.seq), batch)
         return pb.WorkerMessage(metrics=batch)
+
+
+def _sticky_key(msg: pb.WorkerMessage) -> tuple:
+    kind = msg.WhichOneof("msg")
+    body = getattr(msg, kind)
+    return kind, body.experiment_id, body.attempt, getattr(body, "command_id", "")
 
 
 class RunSink:

@@ -18,8 +18,10 @@ Three things cross ranks, each chosen so no rank can drift from the others:
 * Per-epoch values (`share`): rank 0's object (the validation row) goes to all ranks, so
   plateau schedules and "best epoch" decide the same everywhere.
 
-`trace` is a test hook: with TRAINCTL_DDP_TRACE=<dir> every rank appends JSON lines to
-<dir>/rank<r>.jsonl (reading a loss to write it is a host sync: tests only).
+`trace` is a test hook: given a trace dir (`run_ddp(trace_dir=)`, or TRAINCTL_DDP_TRACE
+in the agent's environment) every rank appends JSON lines to <dir>/rank<r>.jsonl: its LR,
+local loss and applied commands per step, its checkpoint writes (reading a loss to
+write it is a host sync: tests only).
 """
 from __future__ import annotations
 
@@ -32,18 +34,20 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-TRACE_ENV = "TRAINCTL_DDP_TRACE"
 
 
 class RankContext:
     def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 device: Optional[torch.device] = None, control_group=None, enabled: bool = False):
+                 device: Optional[torch.device] = None, control_group=None, enabled: bool = False,
+                 trace_dir: Optional[str] = None):
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.device = device
         self.enabled = enabled            # inside a process group (even a world of 1)
         self._control = control_group     # gloo group for headers and objects (None: default)
-        trace_dir = os.environ.get(TRACE_ENV) if enabled else None
-        self._trace = open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a", buffering=1) if trace_dir else None
+        self._trace = None
+        if trace_dir:
+            os.makedirs(trace_dir, exist_ok=True)
+            self._trace = open(os.path.join(trace_dir, f"rank{rank}.jsonl"), "a", buffering=1)
 
     @property
     def is_main(self) -> bool:
@@ -51,7 +55,7 @@ class RankContext:
 
     # ------------------------------------------------------------------ lifecycle
     @classmethod
-    def start(cls, device: torch.device, timeout_s: float = 1800) -> "RankContext":
+    def start(cls, device: torch.device, timeout_s: float = 1800, trace_dir: Optional[str] = None) -> "RankContext":
         """Join the process group set up by the elastic launcher (env://). gloo on CPU,
         nccl on CUDA (each rank on cuda:LOCAL_RANK), plus a gloo group for control."""
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -64,7 +68,8 @@ class RankContext:
         else:
             dist.init_process_group("gloo", timeout=timeout)
             control = None
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, control, enabled=True)
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, device, control, enabled=True,
+                   trace_dir=trace_dir)
 
     def close(self) -> None:
         if self._trace:

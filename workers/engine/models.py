@@ -1,12 +1,14 @@
 """Models: spec section `model:` -> a timm nn.Module, built offline.
 
-Importing this module does not import torch or timm (the server uses `known_model` /
-`suggest_models`); `import timm` does pull in torch, so both are imported on first use.
+Importing this module does not import torch or timm, and neither do `known_model` /
+`suggest_models` (the server uses them); `import timm` pulls in torch, so `build_model`
+imports both on first use.
 """
 from __future__ import annotations
 
 import difflib
 import functools
+import importlib.resources
 import os
 from typing import List, Optional
 
@@ -18,26 +20,28 @@ class ModelError(ValueError):
 
 
 @functools.lru_cache(maxsize=1)
-def _timm_names() -> tuple:
-    import timm
-    return tuple(timm.list_models())
+def _timm_names() -> frozenset:
+    """timm's model names, read from the list generated from the pinned timm
+    (`python -m trainctl.codegen`; a test fails when it is stale), so the server checks
+    names without importing timm and torch."""
+    text = importlib.resources.files("trainctl").joinpath("timm_models.txt").read_text()
+    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
 
 
 def known_model(name: str) -> bool:
     """True when `name` (optionally with a `.pretrained_tag`) is in timm's registry.
 
     Hub ids and paths (`hf-hub:...`, `org/model`) are never known: building them would
-    download. Imports timm (and so torch, about 2 s the first time)."""
+    download."""
     if any(c in name for c in ":/\\"):
         return False
-    import timm
-    return bool(timm.is_model(name))
+    return name.split(".", 1)[0] in _timm_names()
 
 
 def suggest_models(name: str, n: int = 5) -> List[str]:
     """Registry names closest to `name` (difflib), for "did you mean" messages."""
     arch = name.split(".", 1)[0].lower()
-    names = _timm_names()
+    names = sorted(_timm_names())
 
     def score(m: str) -> float:
         return difflib.SequenceMatcher(None, arch, m).ratio()
