@@ -16,17 +16,13 @@ from trainctl.server.downsample import downsample_minmax
 from trainctl.server.live import Live
 from trainctl.server.store import entities as e
 from trainctl.server.store.errors import InvalidTransition, NotFound
-from trainctl.spec import SpecError, check_control_value, parse_spec
+from trainctl.spec import SpecError, check_control_value, parse_spec, verb_of
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.workers.engine.schedulers import NoDecayFactor, build_schedule
 
 log = logging.getLogger(__name__)
 
-# ControlKind -> the spec's verb for it (the worker and spec `control:` speak verbs).
-VERBS = {pb.SET_LR: "set_lr", pb.SCALE_LR: "scale_lr", pb.SET_LR_DECAY: "set_lr_decay",
-         pb.SET_EMA_DECAY: "set_ema_decay", pb.SET_WEIGHT_DECAY: "set_weight_decay"}
-KIND_OF_VERB = {v: pb.ControlKind.Name(k) for k, v in VERBS.items()}
 DEFAULT_CONTROL_WAIT = 10.0
 
 
@@ -61,7 +57,7 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
                           gpus=spec.resources.gpus * spec.resources.nproc if spec.resources.gpus else 0,
                           replay_of=replay_of)
         now = time.time()
-        scheduled = [_record(x.id, KIND_OF_VERB[c.verb], c.value, e.SCHEDULED, now, at_step=c.at_step)
+        scheduled = [_record(x.id, c.verb.upper(), c.value, e.SCHEDULED, now, at_step=c.at_step)
                      for c in spec.control]
         for rec in [*scheduled, *(dataclasses.replace(r, experiment_id=x.id) for r in extra_controls)]:
             await self.db(self.store.add_control, rec)
@@ -156,7 +152,7 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
 
     # ------------------------------------------------------------------ control
     async def Control(self, request: pb.ControlRequest, context):
-        verb = VERBS.get(request.kind)
+        verb = verb_of(request.kind)
         if verb is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown control kind {request.kind}")
         try:

@@ -107,6 +107,14 @@ ControlVerb = Literal["set_lr", "scale_lr", "set_lr_decay", "set_ema_decay", "se
 CONTROL_VERBS: tuple[str, ...] = ControlVerb.__args__  # type: ignore[attr-defined]
 
 
+def verb_of(kind: int) -> Optional[str]:
+    """The spec verb of a wire `ControlKind` (SET_LR -> "set_lr"), None if unknown."""
+    from trainctl.v1 import trainctl_pb2 as pb
+
+    verb = pb.ControlKind.Name(kind).lower() if kind in pb.ControlKind.values() else ""
+    return verb if verb in CONTROL_VERBS else None
+
+
 class ControlEntry(_Strict):
     """A command scheduled in the spec: exactly one verb, applied at `at_step`."""
 

@@ -21,15 +21,13 @@ from typing import Optional
 
 import grpc
 
+from trainctl.spec import verb_of
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.workers.shipper import Outbox, RunSink
 
 log = logging.getLogger(__name__)
-
-VERB_OF_KIND = {pb.SET_LR: "set_lr", pb.SCALE_LR: "scale_lr", pb.SET_LR_DECAY: "set_lr_decay",
-                pb.SET_EMA_DECAY: "set_ema_decay", pb.SET_WEIGHT_DECAY: "set_weight_decay"}
 
 
 def local_devices() -> list[pb.Device]:
@@ -131,7 +129,7 @@ class Agent:
                     self.outbox.forget(body.experiment_id, body.attempt)
                 return
             if kind == "control":
-                run.inbox.put(Command(body.command_id, VERB_OF_KIND.get(body.kind, "?"), body.value))
+                run.inbox.put(Command(body.command_id, verb_of(body.kind) or "?", body.value))
             else:
                 if "fenced" in body.reason:
                     log.warning("experiment %d attempt %d fenced by the server; dropping it: %s",
@@ -236,14 +234,14 @@ def _scheduled_commands(a: pb.Assignment):
     for c in a.controls:
         step = c.applied_step if c.status == pb.APPLIED else c.at_step
         if step is not None and step >= 0:
-            out.append(Command(c.command_id, VERB_OF_KIND[c.kind], c.value, at_step=step))
+            out.append(Command(c.command_id, verb_of(c.kind), c.value, at_step=step))
     return out
 
 
 def _live_commands(a: pb.Assignment):
     from trainctl.workers.engine.context import Command
 
-    return [Command(c.command_id, VERB_OF_KIND[c.kind], c.value)
+    return [Command(c.command_id, verb_of(c.kind), c.value)
             for c in a.controls if c.status == pb.PENDING and c.at_step < 0]
 
 
