@@ -12,7 +12,6 @@ import grpc
 
 from trainctl.server import convert
 from trainctl.server.dispatcher import Dispatcher
-from trainctl.server.downsample import downsample_minmax
 from trainctl.server.live import Live
 from trainctl.server.store import entities as e
 from trainctl.server.store.errors import InvalidTransition, NotFound
@@ -137,17 +136,14 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         if request.max_points < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_points: must be >= 0, got {request.max_points}")
         scope = pb.Scope.Name(request.scope) if request.scope else None
-        series = await self.db(self.store.get_metrics, request.id, scope=scope, names=list(request.names) or None,
-                               from_step=request.from_step, to_step=request.to_step or None)
-        out = pb.GetMetricsResponse(total_points=sum(len(s.steps) for s in series))
+        # With max_points the store answers from its min/max rollup (a 1,000,000-point run
+        # in tens of ms instead of reading every point); without, every point is read.
+        series, total = await self.db(self.store.get_metrics_downsampled, request.id, request.max_points,
+                                      scope=scope, names=list(request.names) or None,
+                                      from_step=request.from_step, to_step=request.to_step or None)
+        out = pb.GetMetricsResponse(total_points=total)
         for s in series:
-            steps, epochs, values = s.steps, s.epochs, s.values
-            if request.max_points and len(steps) > request.max_points:
-                keep = downsample_minmax(steps, values, request.max_points)
-                steps, values = keep
-                epoch_of = dict(zip(s.steps, s.epochs))
-                epochs = [epoch_of[st] for st in steps]
-            out.series.add(name=s.name, scope=pb.Scope.Value(s.scope), steps=steps, epochs=epochs, values=values)
+            out.series.add(name=s.name, scope=pb.Scope.Value(s.scope), steps=s.steps, epochs=s.epochs, values=s.values)
         return out
 
     # ------------------------------------------------------------------ control

@@ -168,3 +168,14 @@ def test_server_refuses_a_database_from_a_newer_version(tmp_path):
                           "--db", f"sqlite:///{db}"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "9999_from_the_future" in out.stderr and "newer" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_oversized_message_is_refused_cleanly(server_only):
+    huge = struct_pb2.Struct()
+    huge.update({"name": "x" * (65 * 1024 * 1024)})
+    with grpc.insecure_channel(server_only.address) as ch:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.ExperimentsStub(ch).Submit(pb.SubmitRequest(spec=huge), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with server_only.client() as c:  # and the server is fine
+        assert isinstance(c.list(), list)

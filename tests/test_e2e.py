@@ -144,3 +144,18 @@ def test_replay_reproduces_the_run_bit_for_bit(cluster):
         replayed = next(r for r in c.controls(y.id) if r.source == "REPLAYED")
         assert (replayed.kind, replayed.value, replayed.applied_step) == (live.kind, live.value, live.applied_step)
         assert c.get(y.id).summary["val_top1"] == c.get(x.id).summary["val_top1"]
+
+
+def test_out_of_memory_fails_the_run_with_the_reason(cluster):
+    cluster.add_worker("w0")
+    with cluster.client() as c:
+        # A ViT with a 2**20-wide embedding: one 13 TB weight, refused by the allocator at
+        # once (a real out-of-memory, without pushing the machine into swap).
+        spec = digits_spec("oom", epochs=1)
+        spec["model"] = {"name": "test_vit", "kwargs": {"embed_dim": 2 ** 20, "num_heads": 1, "img_size": 32}}
+        x = c.submit(spec)
+        final = c.wait(x.id, timeout=120)
+        assert final.state == "FAILED", cluster.logs()
+        assert final.message.startswith("out of memory"), final.message
+        y = c.submit(digits_spec("after-oom", epochs=1, max_steps=2))
+        assert c.wait(y.id, timeout=120).state == "COMPLETED", cluster.logs()

@@ -347,7 +347,7 @@ def test_fresh_db_is_at_head_and_matches_models(store, store_url):
 def test_newer_schema_is_refused(store_url):
     with open_store(store_url) as s, s._engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
-    with pytest.raises(SchemaTooNew, match=r"revision 0099_future is newer than this trainctl knows \(head 0001\)"):
+    with pytest.raises(SchemaTooNew, match=r"revision 0099_future is newer than this trainctl knows \(head 0002\)"):
         open_store(store_url)
 
 
@@ -384,3 +384,164 @@ def test_in_memory_store():
         exp = running(s)
         assert s.add_metrics(exp.id, 1, "STEP", ["loss"], [(1, 0, 1.0, [1.0])]) == 1
         assert s.count_metrics(exp.id) == 1
+
+
+# ---------------------------------------------------------------- downsampled reads (rollup)
+
+BLOCK = 64  # series.BLOCK_STEPS, restated: the expectations below are computed independently
+
+
+def _raw_points(store, exp_id):
+    """{(name, scope): [(step, epoch, value), ...]} straight from the metrics table."""
+    out: dict = {}
+    with store._engine.connect() as conn:
+        for name, scope, step, epoch, value in conn.execute(
+            text("SELECT name, scope, step, epoch, value FROM metrics WHERE experiment_id = :e "
+                 "ORDER BY name, scope, step"), {"e": exp_id}
+        ):
+            out.setdefault((name, scope), []).append((step, epoch, value))
+    return out
+
+
+def _blocks_of(points):
+    """Raw points split into blocks of BLOCK steps (non-empty ones, in step order)."""
+    blocks: dict = {}
+    for p in points:
+        blocks.setdefault(p[0] // BLOCK, []).append(p)
+    return [blocks[b] for b in sorted(blocks)]
+
+
+def _lo(points):  # the minimum point: smallest value, earliest step on ties
+    return min(points, key=lambda p: (p[2], p[0]))
+
+
+def _hi(points):  # the maximum point: largest value, earliest step on ties
+    return min(points, key=lambda p: (-p[2], p[0]))
+
+
+def _expected(points, max_points, from_step=0, to_step=None):
+    """What a downsampled read must answer, computed from the raw points: the first and
+    last points, and the min and max of each of (max_points - 2) // 2 groups of
+    consecutive blocks (the edge blocks clipped to the range); with fewer blocks than
+    that, downsample_minmax over the points."""
+    # from_step 0 means "from the start", as everywhere in the store.
+    pts = [p for p in points if (not from_step or p[0] >= from_step) and (to_step is None or p[0] <= to_step)]
+    if len(pts) <= max_points:
+        return pts
+    units = _blocks_of(pts)
+    n_groups, m = (max_points - 2) // 2, len(units)
+    if m < n_groups + 4:  # too few blocks for the groups: point by point instead
+        from trainctl.server.downsample import downsample_minmax
+
+        epoch_of = {p[0]: p[1] for p in pts}
+        steps, values = downsample_minmax([p[0] for p in pts], [p[2] for p in pts], max_points)
+        return [(st, epoch_of[st], v) for st, v in zip(steps, values)]
+    out = []
+    for g in range(n_groups):
+        group = [p for u in units[g * m // n_groups:(g + 1) * m // n_groups] for p in u]
+        lo, hi = _lo(group), _hi(group)
+        out += [lo] if lo == hi else sorted([lo, hi])
+    if max_points == 1:
+        return [pts[0]]
+    if not out or out[0] != pts[0]:
+        out.insert(0, pts[0])
+    if out[-1] != pts[-1]:
+        out.append(pts[-1])
+    return out
+
+
+def _rollup_matches_raw(store, exp_id):
+    raw = {(name, scope, blk[0][0] // BLOCK): blk
+           for (name, scope), points in _raw_points(store, exp_id).items() for blk in _blocks_of(points)}
+    with store._engine.connect() as conn:
+        stored = {
+            (r.name, r.scope, r.block): r
+            for r in conn.execute(text("SELECT * FROM metric_blocks WHERE experiment_id = :e"), {"e": exp_id})
+        }
+    assert stored.keys() == raw.keys()
+    for key, blk in raw.items():
+        r = stored[key]
+        assert (r.n, r.last_step) == (len(blk), blk[-1][0]), key
+        assert (r.min_step, r.min_epoch, r.min_value) == _lo(blk), key
+        assert (r.max_step, r.max_epoch, r.max_value) == _hi(blk), key
+
+
+def _series_points(s):
+    return list(zip(s.steps, s.epochs, s.values))
+
+
+def test_downsampled_equals_block_min_max_of_raw_points(store):
+    import random
+
+    rng = random.Random(4)
+    exp = running(store)
+    names = ["loss", "lr"]
+    # Values rounded to 1 decimal: plenty of ties, so the tie rule (earliest step) is tested.
+    # lr is NaN (not logged) at one step in 7; batches of 37 rows straddle block edges.
+    rows = [(s, s // 1000, float(s), [round(rng.gauss(0, 1), 1), NAN if s % 7 == 0 else round(rng.random(), 1)])
+            for s in range(20_000)]
+    for i in range(0, len(rows), 37):
+        store.add_metrics(exp.id, 1, "STEP", names, rows[i:i + 37])
+    store.add_metrics(exp.id, 1, "STEP", names, rows[370:407])  # a resent batch
+    store.add_metrics(exp.id, 1, "STEP", names, rows[900:800:-1])  # out of order in the batch
+    store.add_metrics(exp.id, 1, "EPOCH", ["val_top1"], [(s, s // 1000, 0.0, [s / 1e5]) for s in range(999, 20_000, 1000)])
+    # A resumed attempt recomputes steps 5000..5199: a new spike, and the old extremes there go.
+    store.requeue(exp.id, 1, "lease expired")
+    store.claim_next("w2", 0)
+    store.add_metrics(exp.id, 2, "STEP", names, [(s, 5, 0.0, [50.0 if s == 5100 else 0.0, 0.5]) for s in range(5000, 5200)])
+    _rollup_matches_raw(store, exp.id)
+
+    raw = _raw_points(store, exp.id)
+    for max_points, from_step, to_step in [(100, 0, None), (2000, 0, None), (101, 1234, 17_777), (7, 0, None),
+                                           (2, 0, None), (1, 0, None), (60, 5000, 8999)]:
+        series, total = store.get_metrics_downsampled(exp.id, max_points, from_step=from_step, to_step=to_step)
+        assert total == sum(len([p for p in pts if p[0] >= from_step and (to_step is None or p[0] <= to_step)])
+                            for pts in raw.values())
+        assert [(s.name, s.scope) for s in series] == [("loss", "STEP"), ("lr", "STEP"), ("val_top1", "EPOCH")]
+        for s in series:
+            got = _series_points(s)
+            assert got == _expected(raw[(s.name, s.scope)], max_points, from_step, to_step), (s.name, max_points)
+            assert len(got) <= max_points
+    (loss,) = store.get_metrics_downsampled(exp.id, 100, names=["loss"], scope="STEP")[0]
+    assert (5100, 5, 50.0) in _series_points(loss)  # the spike survives
+    # Without a limit, everything; a short series comes back whole.
+    series, total = store.get_metrics_downsampled(exp.id, 0, names=["val_top1"])
+    assert len(series[0].steps) == total == 20
+
+
+def test_downsampled_short_series_uses_points(store):
+    from trainctl.server.downsample import downsample_minmax
+
+    exp = running(store)
+    store.add_metrics(exp.id, 1, "STEP", ["loss"], [(s, 0, 0.0, [((s * 7919) % 101) / 10]) for s in range(500)])
+    (s,), total = store.get_metrics_downsampled(exp.id, 100)
+    (full,) = store.get_metrics(exp.id)
+    assert total == 500 and (s.steps, s.values) == downsample_minmax(full.steps, full.values, 100)
+    assert s.epochs == [0] * len(s.steps)
+    assert store.get_metrics_downsampled(exp.id, 100, names=["nope"]) == ([], 0)
+
+
+def test_migration_fills_rollup_for_existing_points(store_url):
+    from alembic import command
+
+    from trainctl.server.store.sqlalchemy_store import alembic_config
+
+    command.upgrade(alembic_config(store_url), "0001")  # a database written before the rollup
+    from sqlalchemy import create_engine
+
+    engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO experiments (id, name, state, spec, created_at, attempt, message, summary, last_step, "
+            "max_restarts, restarts, gpus) VALUES (1, 'old', 'RUNNING', '{}', 0, 1, '', '{}', 0, 3, 0, 0)"))
+        conn.execute(
+            text("INSERT INTO metrics VALUES (1, :scope, :step, :epoch, :name, :value, 0, 1)"),
+            [{"scope": "STEP", "step": s, "epoch": s // 100, "name": "loss", "value": float((s * 37) % 23)}
+             for s in range(-5, 1000)]
+            + [{"scope": "EPOCH", "step": s, "epoch": s // 100, "name": "loss", "value": 1.0} for s in (99, 199)],
+        )
+    engine.dispose()
+    with open_store(store_url) as s:
+        _rollup_matches_raw(s, 1)
+        (loss,), total = s.get_metrics_downsampled(1, 10, scope="STEP")
+        assert total == 1005 and _series_points(loss) == _expected(_raw_points(s, 1)[("loss", "STEP")], 10)

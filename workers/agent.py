@@ -214,7 +214,7 @@ class Agent:
             self._state(run, pb.FAILED, message=str(exc))
         except Exception as exc:  # a bug or a runtime error (OOM, ...): still a clean FAILED
             log.error("experiment %d crashed:\n%s", a.experiment_id, traceback.format_exc())
-            self._state(run, pb.FAILED, message=f"{type(exc).__name__}: {exc}")
+            self._state(run, pb.FAILED, message=failure_reason(exc))
         finally:
             self.current = None
 
@@ -223,6 +223,16 @@ class Agent:
         run = self.current
         if run is not None:
             run.inbox.cancel("worker stopping")
+
+
+def failure_reason(exc: BaseException) -> str:
+    """One line a user can act on; out-of-memory (CUDA or host) is named as such."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower() \
+        or "can't allocate memory" in text.lower()
+    if oom:
+        return f"out of memory: {text[:300]}"
+    return f"{type(exc).__name__}: {text[:500]}"
 
 
 def _scheduled_commands(a: pb.Assignment):

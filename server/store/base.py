@@ -117,6 +117,37 @@ class AbstractStore(ABC):
     ) -> list[MetricSeries]:
         """Series with from_step <= step <= to_step, ordered by name, scope, step."""
 
+    def get_metrics_downsampled(
+        self,
+        id: int,
+        max_points: int,
+        *,
+        scope: str | None = None,
+        names: Sequence[str] | None = None,
+        from_step: int = 0,
+        to_step: int | None = None,
+    ) -> tuple[list[MetricSeries], int]:
+        """get_metrics with at most `max_points` points per series, min/max preserving.
+
+        Returns (series, number of points in the range before downsampling). Each
+        series keeps its first and last points and the minimum and maximum of each of
+        (max_points - 2) // 2 consecutive stretches; `max_points <= 0` keeps everything.
+        This default reads every point and downsamples them (`downsample_minmax`);
+        SqlAlchemyStore answers long series from its min/max rollup instead.
+        """
+        from trainctl.server.downsample import downsample_minmax
+
+        series = self.get_metrics(id, scope=scope, names=names, from_step=from_step, to_step=to_step)
+        total = sum(len(s.steps) for s in series)
+        out = []
+        for s in series:
+            if 0 < max_points < len(s.steps):
+                epoch_of = dict(zip(s.steps, s.epochs))
+                steps, values = downsample_minmax(s.steps, s.values, max_points)
+                s = MetricSeries(s.name, s.scope, steps, [epoch_of[st] for st in steps], values)
+            out.append(s)
+        return out, total
+
     @abstractmethod
     def count_metrics(self, id: int) -> int:
         """Number of points stored for the experiment."""

@@ -40,6 +40,7 @@ from .convert import worker as _worker
 from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
 from .errors import InvalidTransition, NotFound, StaleAttempt
 from .migrate import alembic_config, upgrade_to_head  # noqa: F401 (alembic_config: for developers)
+from .series import Rollup
 from .tables import ControlModel, ExperimentModel, WorkerModel, metrics
 
 # Parameter order of the metrics upsert (the table's column order).
@@ -78,6 +79,8 @@ class SqlAlchemyStore(AbstractStore):
         self._upsert_positional = compiled.positional  # sqlite: qmark; psycopg: named
         if compiled.positional and list(compiled.positiontup) != list(_METRIC_COLUMNS):
             raise RuntimeError(f"metrics upsert binds {compiled.positiontup}, expected {_METRIC_COLUMNS}")
+        # The min/max rollup behind downsampled reads, kept exact by add_metrics (series.py).
+        self._rollup = Rollup(self._dialect, self._engine.dialect)
         try:
             self._migrate()
         except BaseException:
@@ -262,9 +265,9 @@ class SqlAlchemyStore(AbstractStore):
             if not params:
                 return 0
             conn = s.connection()
-            if not self._upsert_positional:
-                params = [dict(zip(_METRIC_COLUMNS, p)) for p in params]
-            conn.exec_driver_sql(self._upsert_sql, params)  # executemany
+            rows = params if self._upsert_positional else [dict(zip(_METRIC_COLUMNS, p)) for p in params]
+            conn.exec_driver_sql(self._upsert_sql, rows)  # executemany
+            self._rollup.update(conn, experiment_id, scope, params)  # same transaction
             conn.execute(
                 update(ExperimentModel.__table__)
                 .where(ExperimentModel.id == experiment_id, ExperimentModel.last_step < max_step)
@@ -273,28 +276,17 @@ class SqlAlchemyStore(AbstractStore):
         return len(params)
 
     def get_metrics(self, id, *, scope=None, names=None, from_step=0, to_step=None) -> list[MetricSeries]:
-        m = metrics.c
-        stmt = (
-            select(m.name, m.scope, m.step, m.epoch, m.value)
-            .where(*self._metric_filter(id, scope, from_step, to_step))
-            .order_by(m.name, m.scope, m.step)
-        )
-        if names:
-            stmt = stmt.where(m.name.in_(list(names)))
-        series: list[MetricSeries] = []
-        key = None
         with self._session() as s:
             self._experiment_row(s, id)
-            for name, sc, step, epoch, value in s.connection().execute(stmt):
-                if (name, sc) != key:
-                    key = (name, sc)
-                    cur = MetricSeries(name=name, scope=sc)
-                    series.append(cur)
-                    steps, epochs, values = cur.steps, cur.epochs, cur.values
-                steps.append(step)
-                epochs.append(epoch)
-                values.append(value)
-        return series
+            return self._rollup.series(s.connection(), id, scope, names, from_step, to_step)
+
+    def get_metrics_downsampled(self, id, max_points, *, scope=None, names=None, from_step=0, to_step=None):
+        if max_points <= 0:
+            return super().get_metrics_downsampled(id, max_points, scope=scope, names=names, from_step=from_step,
+                                                   to_step=to_step)
+        with self._session() as s:
+            self._experiment_row(s, id)
+            return self._rollup.downsampled(s.connection(), id, scope, names, from_step, to_step, max_points)
 
     def count_metrics(self, id) -> int:
         with self._session() as s:

@@ -122,3 +122,26 @@ metrics = Table(
     # Watch history / metric_rows read every name of a step range, ordered by step.
     Index(None, "experiment_id", "step"),
 )
+
+
+# A min/max rollup of `metrics` (see `rollup.py`): per (experiment, name, scope) and
+# block of BLOCK_STEPS consecutive steps, the number of points, the block's last step and
+# its minimum and maximum points. add_metrics keeps it exact in the same transaction;
+# GetMetrics with max_points reads it instead of every raw point.
+metric_blocks = Table(
+    "metric_blocks",
+    metadata,
+    Column("experiment_id", ForeignKey("experiments.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(128), nullable=False),
+    Column("scope", String(8), nullable=False),
+    Column("block", BigInteger, nullable=False),  # floor(step / BLOCK_STEPS)
+    Column("n", Integer, nullable=False),
+    Column("last_step", BigInteger, nullable=False),
+    Column("min_step", BigInteger, nullable=False),
+    Column("min_epoch", Integer, nullable=False),
+    Column("min_value", Double, nullable=False),
+    Column("max_step", BigInteger, nullable=False),
+    Column("max_epoch", Integer, nullable=False),
+    Column("max_value", Double, nullable=False),
+    PrimaryKeyConstraint("experiment_id", "name", "scope", "block"),
+)
