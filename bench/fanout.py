@@ -1,6 +1,6 @@
 """Fan-out: 100 concurrent watchers of one training run, plus one stalled watcher.
 
-    python bench/fanout.py            # ~2 min
+    python bench/fanout.py            # ~2.5 min
 
 A real worker trains the small model; 100 watchers (raw grpc.aio streams in a separate
 process, bench/_watchers.py) and one stalled watcher (opens the stream, never reads until
@@ -26,7 +26,10 @@ from overhead import Watcher, rate, run_worker_arm  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--watchers", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=6000)
+    # 16,000: the worker batches ~4 steps per message (20 ms linger), so the stalled
+    # watcher's 4096-event queue only fills after ~80 s of training; with 6,000 steps
+    # the run ended first and the cut-off was never exercised.
+    ap.add_argument("--steps", type=int, default=16_000)
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS)
     args = ap.parse_args()
     print(f"machine: {machine()}")

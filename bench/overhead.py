@@ -146,10 +146,15 @@ def long_run(cluster: Cluster, worker_pid: int, steps: int, preset: dict) -> dic
     w = Watcher(client, x.id)
     w.start()
     t0 = time.time()
+    shown = 0.0
     while w.is_alive():
         w.join(2.0)
         n = len(w.rows)
         samples.append((time.time() - t0, n, rss_kb(cluster.server.pid)[0], rss_kb(worker_pid)[0]))
+        if samples[-1][0] - shown >= 60:  # a trend survives a run cut short
+            shown = samples[-1][0]
+            print(f"  [long run] {shown:5.0f} s  {n:7d} rows  server RSS {samples[-1][2] / 1024:6.0f} MB  "
+                  f"worker RSS {samples[-1][3] / 1024:6.0f} MB", flush=True)
     if w.error or w.final is None or w.final.state != "COMPLETED":
         raise RuntimeError(f"long run did not complete: {w.error or w.final}")
     n = len(w.rows)
@@ -171,7 +176,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0,
                     help="also run one long small-model run of this many steps and report RSS (e.g. 100000)")
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads in every training process")
-    ap.add_argument("--only", choices=["big", "small"], help="run one model only")
+    ap.add_argument("--only", choices=["big", "small", "none"],
+                    help="run one model only (none: no comparison, e.g. only the --steps long run)")
     ap.add_argument("--no-engine", action="store_true", help="skip the engine-only arm")
     args = ap.parse_args()
 
@@ -190,19 +196,8 @@ def main() -> None:
             long = long_run(cluster, worker.pid, args.steps, PRESETS["small"]) if args.steps else None
         finally:
             host.close()
-        print()
-        table(["model", "steps", "rounds", "bare steps/s", "worker steps/s", "worker/bare (median)",
-               "min..max", "engine/bare", "stream p50 ms", "p99 ms", "target"],
-              [[r["label"], r["steps"], r["rounds"], r["bare"], r["worker"], r["ratio"],
-                f"{r['ratio_min']:.3f}..{r['ratio_max']:.3f}", r["engine_ratio"], r["lat_p50"], r["lat_p99"],
-                "MET" if r["ratio"] >= 0.99 else "gap"] for r in results],
-              title="Training overhead (worker = trainctl worker streaming every step to a live server, 1 watcher)")
-        print()
-        table(["model", "bare", "engine", "worker", "worker - engine", "server", "watcher"],
-              [[r["label"], r["cpu_bare"], r["cpu_engine"], r["cpu_worker"], r["cpu_worker"] - r["cpu_engine"],
-                r["cpu_server"], r["cpu_watcher"]] for r in results],
-              title="CPU ms per training step by process (whole run incl. build/eval; medians; "
-                    "worker - engine = streaming cost inside the worker)")
+        if results:
+            print_comparison(results)
         if long:
             print()
             table(["steps", "seconds", "steps/s", "server RSS @10% MB", "server RSS end MB", "server peak MB",
@@ -211,6 +206,22 @@ def main() -> None:
                     long["server_rss_end_mb"], long["server_peak_mb"], long["worker_rss_10pct_mb"],
                     long["worker_rss_end_mb"], long["worker_peak_mb"]]],
                   title="Long run: memory (small model, 1 watcher)")
+
+
+def print_comparison(results: list[dict]) -> None:
+    print()
+    table(["model", "steps", "rounds", "bare steps/s", "worker steps/s", "worker/bare (median)",
+           "min..max", "engine/bare", "stream p50 ms", "p99 ms", "target"],
+          [[r["label"], r["steps"], r["rounds"], r["bare"], r["worker"], r["ratio"],
+            f"{r['ratio_min']:.3f}..{r['ratio_max']:.3f}", r["engine_ratio"], r["lat_p50"], r["lat_p99"],
+            "MET" if r["ratio"] >= 0.99 else "gap"] for r in results],
+          title="Training overhead (worker = trainctl worker streaming every step to a live server, 1 watcher)")
+    print()
+    table(["model", "bare", "engine", "worker", "worker - engine", "server", "watcher"],
+          [[r["label"], r["cpu_bare"], r["cpu_engine"], r["cpu_worker"], r["cpu_worker"] - r["cpu_engine"],
+            r["cpu_server"], r["cpu_watcher"]] for r in results],
+          title="CPU ms per training step by process (whole run incl. build/eval; medians; "
+                "worker - engine = streaming cost inside the worker)")
 
 
 if __name__ == "__main__":

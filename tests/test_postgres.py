@@ -114,7 +114,7 @@ def test_alembic_upgrade_downgrade_upgrade(db_url):
 
     cfg = alembic_config(db_url)
     command.upgrade(cfg, "head")
-    schema = {"experiments", "controls", "workers", "metrics", "alembic_version"}
+    schema = {"experiments", "controls", "workers", "metrics", "metric_blocks", "alembic_version"}
     assert _tables(db_url) == schema
     command.downgrade(cfg, "base")
     assert _tables(db_url) == {"alembic_version"}
@@ -125,7 +125,7 @@ def test_alembic_upgrade_downgrade_upgrade(db_url):
         assert s.get_experiment(exp.id).spec == {"k": [1, 2]}
         with s._engine.connect() as conn:
             assert compare_metadata(MigrationContext.configure(conn), metadata) == []
-            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+            assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
 
 
 def test_servers_opening_an_empty_database_together_migrate_it_once(db_url):
@@ -136,7 +136,7 @@ def test_servers_opening_an_empty_database_together_migrate_it_once(db_url):
     assert [r["errors"] for r in results] == [[]] * 4
     assert len({r["id"] for r in results}) == 4
     with open_store(db_url) as s, s._engine.connect() as conn:
-        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0001"]
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == ["0002"]
         assert sorted(e.name for e in s.list_experiments()) == ["s0", "s1", "s2", "s3"]
 
 

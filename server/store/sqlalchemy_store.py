@@ -327,8 +327,7 @@ class SqlAlchemyStore(AbstractStore):
         if scope:
             where.append(m.scope == scope)
         if from_step:
-            # Only when it filters something: a needless range on step tempts SQLite
-            # into the (experiment_id, step) index and a sort for get_metrics.
+            # Only when it filters something (0 means from the start).
             where.append(m.step >= from_step)
         if to_step is not None:
             where.append(m.step <= to_step)  # inclusive
