@@ -341,3 +341,19 @@ def test_step_stats_rows_do_not_depend_on_sync_every():
         out.append((rows, sums))
     assert out[0][0] == out[1][0] and len(out[0][0]) == 21 and all(r[0] == STEP for r in out[0][0])
     assert out[0][1] == out[1][1] and out[0][1].first_nonfinite_step == 13 and out[0][1].nonfinite_steps == 1
+
+
+def test_per_class_accuracy_is_reported_and_averages_to_balanced_accuracy():
+    from trainctl.spec import parse_spec
+    from trainctl.workers.engine.context import EPOCH, ListSink, TrainingContext
+    from trainctl.workers.engine.loop import Trainer
+
+    spec = parse_spec({"name": "lt", "model": {"name": "resnet10t"},
+                       "data": {"dataset": "digits_lt", "imbalance_ratio": 10, "batch_size": 32, "img_size": 32},
+                       "train": {"epochs": 1, "max_steps_per_epoch": 3, "checkpoint_every": 0}}, check_model=False)
+    sink = ListSink()
+    Trainer(spec, TrainingContext(sink=sink)).run()
+    (row,) = [v for scope, _, _, v in sink.rows if scope == EPOCH]
+    per_class = [row[f"val_acc_class_{c}"] for c in range(10)]
+    assert all(0.0 <= a <= 1.0 for a in per_class)
+    assert abs(sum(per_class) / 10 - row["val_balanced_acc"]) < 1e-12

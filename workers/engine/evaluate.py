@@ -1,7 +1,8 @@
 """Validation: loss, top-1 and balanced accuracy from one confusion matrix.
 
 Everything accumulates on the device; one copy to the host per evaluation.
-Balanced accuracy (the mean of per-class recalls) is what long-tailed runs compare.
+Balanced accuracy (the mean of per-class recalls) is what long-tailed runs compare; with
+up to 32 classes each class's recall is reported too (`val_acc_class_<index>`).
 """
 from __future__ import annotations
 
@@ -32,7 +33,13 @@ def evaluate(model: torch.nn.Module, loader, *, device: torch.device, num_classe
     per_class = confusion.diag().double() / confusion.sum(1).clamp(min=1).double()
     present = confusion.sum(1) > 0
     model.train(was_training)
-    return {"val_loss": float(loss_sum) / max(seen, 1),
-            "val_top1": float(confusion.diag().sum()) / max(seen, 1),
-            # classes absent from validation would count as 0 recall; leave them out
-            "val_balanced_acc": float(per_class[present].mean()) if present.any() else 0.0}
+    out = {"val_loss": float(loss_sum) / max(seen, 1),
+           "val_top1": float(confusion.diag().sum()) / max(seen, 1),
+           # classes absent from validation would count as 0 recall; leave them out
+           "val_balanced_acc": float(per_class[present].mean()) if present.any() else 0.0}
+    if num_classes <= PER_CLASS_UP_TO:  # long-tailed runs are judged class by class
+        out.update({f"val_acc_class_{c}": float(per_class[c]) for c in range(num_classes) if present[c]})
+    return out
+
+
+PER_CLASS_UP_TO = 32  # beyond this, per-class rows would drown the epoch metrics
