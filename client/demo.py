@@ -6,7 +6,6 @@ everything (also on Ctrl-C).
 """
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -96,7 +95,7 @@ def run_demo(*, spec: str | None, port: int, workdir: str | None, set_lr: float)
             steps_per_epoch = _steps_per_epoch(x.spec)
             midway = steps_per_epoch * epochs // 2
             threading.Thread(target=_steer_midway, args=(address, x.id, midway, set_lr), daemon=True).start()
-            last = live_view(c.watch(x.id), epochs=epochs, steps_total=steps_per_epoch * epochs)
+            live_view(c.watch(x.id), epochs=epochs, steps_total=steps_per_epoch * epochs)
             final = c.get(x.id)
             for r in c.controls(x.id):
                 console.print(f"control log: {control_line(r)}")
@@ -112,9 +111,7 @@ def run_demo(*, spec: str | None, port: int, workdir: str | None, set_lr: float)
 
 def _steps_per_epoch(spec: dict) -> int:
     """Only for the progress bar total and choosing the mid-run step."""
+    from trainctl.client.preview import dataset_steps_per_epoch
     from trainctl.spec import parse_spec
-    from trainctl.workers.engine.data import build_data
 
-    s = parse_spec(spec, check_model=False)
-    n = len(build_data(s.data, seed=s.train.seed).train) // s.train.grad_accum
-    return min(n, s.train.max_steps_per_epoch) if s.train.max_steps_per_epoch else n
+    return dataset_steps_per_epoch(parse_spec(spec, check_model=False))

@@ -83,8 +83,8 @@ def load_spec(spec: Union[str, Path, dict]) -> Spec:
 
 
 def dataset_steps_per_epoch(spec: Spec) -> int:
-    """Optimizer steps per epoch exactly as workers/engine/loop.py counts them: full
-    batches of the train loader // grad_accum, capped by max_steps_per_epoch."""
+    """Optimizer steps per epoch as the worker counts them (`TrainParams.steps_per_epoch`
+    over the real train loader)."""
     from trainctl.workers.engine.data import DataError, build_data
 
     tp = spec.train
@@ -92,12 +92,10 @@ def dataset_steps_per_epoch(spec: Spec) -> int:
         data = build_data(spec.data, seed=tp.seed)
     except DataError as exc:
         raise SpecError([str(exc)]) from None
-    batches = len(data.train) // tp.grad_accum
-    spe = min(batches, tp.max_steps_per_epoch) if tp.max_steps_per_epoch else batches
-    if spe < 1:
-        raise SpecError([f"data.batch_size: {spec.data.batch_size} x train.grad_accum {tp.grad_accum} "
-                         f"leaves no full optimizer step in an epoch of {len(data.train)} batches"])
-    return spe
+    try:
+        return tp.steps_per_epoch(len(data.train), spec.data.batch_size)
+    except ValueError as exc:
+        raise SpecError([str(exc)]) from None
 
 
 def schedule_summary(spec: Spec) -> str:

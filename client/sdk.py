@@ -11,15 +11,15 @@ import os
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Iterator, Optional, Union
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 
 from trainctl.spec import load_spec_file
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
+from trainctl.wire import dict_from_struct, struct_from_dict
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
@@ -54,7 +54,7 @@ class ExperimentInfo:
     @classmethod
     def from_pb(cls, m: pb.Experiment) -> "ExperimentInfo":
         return cls(id=m.id, name=m.name, state=pb.ExperimentState.Name(m.state),
-                   spec=json_format.MessageToDict(m.spec), attempt=m.attempt, worker_id=m.worker_id,
+                   spec=dict_from_struct(m.spec), attempt=m.attempt, worker_id=m.worker_id,
                    message=m.message, summary=dict(m.summary), last_step=m.last_step,
                    created_at=_ts(m.created_at), started_at=_ts(m.started_at), finished_at=_ts(m.finished_at),
                    replay_of=m.replay_of)
@@ -138,9 +138,7 @@ class Client:
     # ------------------------------------------------------------------ experiments
     def submit(self, spec: SpecLike) -> ExperimentInfo:
         data = spec if isinstance(spec, dict) else load_spec_file(spec)
-        s = struct_pb2.Struct()
-        s.update(data)
-        return ExperimentInfo.from_pb(self._call("Submit", pb.SubmitRequest(spec=s), timeout=120))
+        return ExperimentInfo.from_pb(self._call("Submit", pb.SubmitRequest(spec=struct_from_dict(data)), timeout=120))
 
     def get(self, id: int) -> ExperimentInfo:
         return ExperimentInfo.from_pb(self._call("Get", pb.GetRequest(id=id)))

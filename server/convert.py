@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-from google.protobuf import struct_pb2
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from trainctl.server.store import entities as e
 from trainctl.v1 import trainctl_pb2 as pb
+from trainctl.wire import struct_from_dict
 
 
 def _ts(seconds: float | None) -> Timestamp | None:
@@ -17,26 +17,6 @@ def _ts(seconds: float | None) -> Timestamp | None:
     ts = Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
-
-
-def struct_from_dict(d: dict) -> struct_pb2.Struct:
-    s = struct_pb2.Struct()
-    s.update(d)
-    return s
-
-
-def dict_from_struct(s: struct_pb2.Struct) -> dict:
-    """Plain Python values; unlike json_format this keeps NaN/inf as floats, so the spec
-    validator (not a JSON encoder) is the one that refuses them, naming the field."""
-    return _plain(s)
-
-
-def _plain(v):
-    if isinstance(v, struct_pb2.Struct):
-        return {k: _plain(v[k]) for k in v.keys()}
-    if isinstance(v, struct_pb2.ListValue):
-        return [_plain(x) for x in v]
-    return v
 
 
 def experiment_to_pb(x: e.Experiment) -> pb.Experiment:

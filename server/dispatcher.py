@@ -16,6 +16,7 @@ from trainctl.server import convert
 from trainctl.server.store import AbstractStore, entities as e
 from trainctl.server.store.errors import StoreError
 from trainctl.v1 import trainctl_pb2 as pb
+from trainctl.wire import struct_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ class Dispatcher:
             self.leases[x.id] = Lease(x.attempt, session.worker_id, time.monotonic() + self.lease_timeout)
             session.current = (x.id, x.attempt)
             session.send(pb.ServerMessage(assignment=pb.Assignment(
-                experiment_id=x.id, attempt=x.attempt, name=x.name, spec=convert.struct_from_dict(x.spec),
+                experiment_id=x.id, attempt=x.attempt, name=x.name, spec=struct_from_dict(x.spec),
                 controls=[convert.control_to_pb(c) for c in controls if c.status != e.REJECTED])))
             log.info("assigned experiment %d (attempt %d) to worker %s", x.id, x.attempt, session.worker_id)
             self.on_experiment_change(x)

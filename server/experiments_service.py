@@ -1,8 +1,6 @@
 """The Experiments service: what clients call."""
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import logging
 import math
 import time
@@ -15,9 +13,10 @@ from trainctl.server.dispatcher import Dispatcher
 from trainctl.server.live import Live
 from trainctl.server.store import entities as e
 from trainctl.server.store.errors import InvalidTransition, NotFound
-from trainctl.spec import SpecError, check_control_value, parse_spec, verb_of
+from trainctl.spec import SpecError, check_control_value, parse_spec
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
+from trainctl.wire import dict_from_struct, verb_of
 from trainctl.workers.engine.schedulers import NoDecayFactor, build_schedule
 
 log = logging.getLogger(__name__)
@@ -41,9 +40,9 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
 
     # ------------------------------------------------------------------ submit / read
     async def Submit(self, request: pb.SubmitRequest, context):
-        raw = convert.dict_from_struct(request.spec)
+        raw = dict_from_struct(request.spec)
         try:
-            # parse_spec may import timm to check the model name: keep it off the loop.
+            # Validation is CPU work (pydantic, the model-name list): keep it off the loop.
             spec = await self.db(parse_spec, raw)
         except SpecError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid spec: {exc}")
@@ -51,14 +50,17 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         return convert.experiment_to_pb(x)
 
     async def _create(self, spec_dict: dict, spec, *, replay_of: int | None,
-                      extra_controls: list[e.ControlRecord] = ()) -> e.Experiment:
+                      replayed: list[tuple[str, float, int]] = ()) -> e.Experiment:
+        """Store the experiment with its control log: the spec's scheduled commands and,
+        for a replay, the original's applied live commands as (kind, value, step)."""
         x = await self.db(self.store.create_experiment, spec.name, spec_dict, max_restarts=spec.max_restarts,
                           gpus=spec.resources.gpus * spec.resources.nproc if spec.resources.gpus else 0,
                           replay_of=replay_of)
         now = time.time()
-        scheduled = [_record(x.id, c.verb.upper(), c.value, e.SCHEDULED, now, at_step=c.at_step)
-                     for c in spec.control]
-        for rec in [*scheduled, *(dataclasses.replace(r, experiment_id=x.id) for r in extra_controls)]:
+        records = [_record(x.id, c.verb.upper(), c.value, e.SCHEDULED, now, at_step=c.at_step)
+                   for c in spec.control]
+        records += [_record(x.id, kind, value, e.REPLAYED, now, at_step=step) for kind, value, step in replayed]
+        for rec in records:
             await self.db(self.store.add_control, rec)
         self.dispatcher.kick()
         log.info("experiment %d %r queued", x.id, x.name)
@@ -177,11 +179,10 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         session = self.dispatcher.session_for(x.id)
         if session is None:  # QUEUED (or between workers): delivered with the assignment
             return convert.control_to_pb(rec)
-        waiter = asyncio.ensure_future(self.live.wait_control(command_id, request.wait_seconds or DEFAULT_CONTROL_WAIT))
-        await asyncio.sleep(0)  # register the waiter before the ack can possibly arrive
+        ack = self.live.expect_control(command_id)
         session.send(pb.ServerMessage(control=pb.ControlCommand(
             experiment_id=x.id, attempt=x.attempt, command_id=command_id, kind=request.kind, value=request.value)))
-        done = await waiter
+        done = await self.live.wait_control(command_id, ack, request.wait_seconds or DEFAULT_CONTROL_WAIT)
         return convert.control_to_pb(done or rec)
 
     async def ListControls(self, request: pb.ListControlsRequest, context):
@@ -192,12 +193,10 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
     async def Replay(self, request: pb.ReplayRequest, context):
         x = await self._get(request.id, context)
         spec = await self.db(parse_spec, x.spec, check_model=False)
-        now = time.time()
-        replayed = [_record(0, r.kind, r.value, e.REPLAYED, now, at_step=r.applied_step)
-                    for r in await self.db(self.store.list_controls, x.id)
+        replayed = [(r.kind, r.value, r.applied_step) for r in await self.db(self.store.list_controls, x.id)
                     if r.source != e.SCHEDULED and r.status == e.APPLIED]
         spec_dict = {**x.spec, "name": f"{x.name}-replay"[:128]}
-        y = await self._create(spec_dict, spec, replay_of=x.id, extra_controls=replayed)
+        y = await self._create(spec_dict, spec, replay_of=x.id, replayed=replayed)
         return convert.experiment_to_pb(y)
 
 

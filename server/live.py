@@ -42,9 +42,14 @@ class Live:
                 fut.set_result(rec)
         self.hub.publish(rec.experiment_id, pb.WatchEvent(control=convert.control_to_pb(rec)))
 
-    async def wait_control(self, command_id: str, timeout: float) -> e.ControlRecord | None:
+    def expect_control(self, command_id: str) -> asyncio.Future:
+        """Register interest in a command's ack *before* sending it, so an ack that comes
+        back at once cannot be missed; then `await wait_control(...)`."""
         fut = asyncio.get_running_loop().create_future()
         self._waiters[command_id].append(fut)
+        return fut
+
+    async def wait_control(self, command_id: str, fut: asyncio.Future, timeout: float) -> e.ControlRecord | None:
         try:
             return await asyncio.wait_for(fut, timeout)
         except asyncio.TimeoutError:

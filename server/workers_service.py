@@ -76,7 +76,7 @@ class WorkersService(pb_grpc.WorkersServicer):
                 kind = msg.WhichOneof("msg")
                 if kind == "heartbeat":
                     if msg.heartbeat.experiment_id:
-                        self._renew(session, msg.heartbeat.experiment_id, msg.heartbeat.attempt)
+                        self.dispatcher.renew(msg.heartbeat.experiment_id, msg.heartbeat.attempt)
                 elif kind == "metrics":
                     await self._on_metrics(session, msg.metrics)
                 elif kind == "state":
@@ -89,11 +89,6 @@ class WorkersService(pb_grpc.WorkersServicer):
             log.exception("worker %s stream failed", session.worker_id)
         finally:
             session.close()
-
-    def _renew(self, session: WorkerSession, experiment_id: int, attempt: int) -> bool:
-        if self.dispatcher.renew(experiment_id, attempt):
-            return True
-        return False
 
     def _fence(self, session: WorkerSession, experiment_id: int, attempt: int, why: str) -> None:
         log.warning("worker %s: refused a message for experiment %d attempt %d (fenced): %s",
@@ -112,7 +107,7 @@ class WorkersService(pb_grpc.WorkersServicer):
             self._fence(session, batch.experiment_id, batch.attempt, str(exc))
             return
         self.live.stats.ingested(points)
-        self._renew(session, batch.experiment_id, batch.attempt)
+        self.dispatcher.renew(batch.experiment_id, batch.attempt)
         session.send(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=batch.experiment_id,
                                                             attempt=batch.attempt, seq=batch.seq)))
         self.live.publish(batch.experiment_id, pb.WatchEvent(metrics=batch))
@@ -134,7 +129,7 @@ class WorkersService(pb_grpc.WorkersServicer):
             # e.g. the client cancelled while the worker finished: the store keeps the first.
             log.info("worker %s: %s", session.worker_id, exc)
             x = await self.db(self.store.get_experiment, st.experiment_id)
-        self._renew(session, st.experiment_id, st.attempt)
+        self.dispatcher.renew(st.experiment_id, st.attempt)
         if x.is_final:
             self.dispatcher.release(st.experiment_id, st.attempt)
         self.live.experiment_changed(x)
@@ -161,5 +156,5 @@ class WorkersService(pb_grpc.WorkersServicer):
         except NotFound:
             log.warning("worker %s acked unknown command %s", session.worker_id, ack.command_id)
             return
-        self._renew(session, ack.experiment_id, ack.attempt)
+        self.dispatcher.renew(ack.experiment_id, ack.attempt)
         self.live.control_resolved(rec)

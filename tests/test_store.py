@@ -334,7 +334,7 @@ def test_fresh_db_is_at_head_and_matches_models(store, store_url):
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
 
-    from trainctl.server.store.sqlalchemy_store import alembic_config
+    from trainctl.server.store.migrate import alembic_config
     from trainctl.server.store.tables import metadata
 
     heads = ScriptDirectory.from_config(alembic_config(store_url)).get_heads()
@@ -524,7 +524,7 @@ def test_downsampled_short_series_uses_points(store):
 def test_migration_fills_rollup_for_existing_points(store_url):
     from alembic import command
 
-    from trainctl.server.store.sqlalchemy_store import alembic_config
+    from trainctl.server.store.migrate import alembic_config
 
     command.upgrade(alembic_config(store_url), "0001")  # a database written before the rollup
     from sqlalchemy import create_engine

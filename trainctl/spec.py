@@ -102,17 +102,20 @@ class TrainParams(_Strict):
     checkpoint_every: int = Field(1, ge=0)        # epochs; 0 = never
     on_nonfinite: Literal["fail", "skip"] = "fail"
 
+    def steps_per_epoch(self, train_batches: int, batch_size: int) -> int:
+        """Optimizer steps in an epoch of `train_batches` loader batches: the one rule the
+        loop, `schedule preview` and the demo share. ValueError when none fits."""
+        steps = train_batches // self.grad_accum
+        if self.max_steps_per_epoch:
+            steps = min(steps, self.max_steps_per_epoch)
+        if steps < 1:
+            raise ValueError(f"data.batch_size: {batch_size} x train.grad_accum {self.grad_accum} "
+                             f"leaves no full optimizer step in an epoch of {train_batches} batches")
+        return steps
+
 
 ControlVerb = Literal["set_lr", "scale_lr", "set_lr_decay", "set_ema_decay", "set_weight_decay"]
 CONTROL_VERBS: tuple[str, ...] = ControlVerb.__args__  # type: ignore[attr-defined]
-
-
-def verb_of(kind: int) -> Optional[str]:
-    """The spec verb of a wire `ControlKind` (SET_LR -> "set_lr"), None if unknown."""
-    from trainctl.v1 import trainctl_pb2 as pb
-
-    verb = pb.ControlKind.Name(kind).lower() if kind in pb.ControlKind.values() else ""
-    return verb if verb in CONTROL_VERBS else None
 
 
 class ControlEntry(_Strict):

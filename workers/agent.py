@@ -21,10 +21,10 @@ from typing import Optional
 
 import grpc
 
-from trainctl.spec import verb_of
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
+from trainctl.wire import dict_from_struct, verb_of
 from trainctl.workers.shipper import Outbox, RunSink
 
 log = logging.getLogger(__name__)
@@ -170,7 +170,6 @@ class Agent:
             summary=summary or {})), sticky=True)
 
     def _train(self, a: pb.Assignment) -> None:
-        from trainctl.server.convert import dict_from_struct
         from trainctl.spec import SpecError, parse_spec
         from trainctl.workers.engine.context import Ack, ControlInbox, TrainingContext
         from trainctl.workers.engine.loop import Cancelled, Trainer, TrainingError
@@ -243,7 +242,7 @@ def _scheduled_commands(a: pb.Assignment):
     out = []
     for c in a.controls:
         step = c.applied_step if c.status == pb.APPLIED else c.at_step
-        if step is not None and step >= 0:
+        if step >= 0:
             out.append(Command(c.command_id, verb_of(c.kind), c.value, at_step=step))
     return out
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -39,7 +39,7 @@ from .convert import experiment as _experiment
 from .convert import worker as _worker
 from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
 from .errors import InvalidTransition, NotFound, StaleAttempt
-from .migrate import alembic_config, upgrade_to_head  # noqa: F401 (alembic_config: for developers)
+from .migrate import upgrade_to_head
 from .series import Rollup
 from .tables import ControlModel, ExperimentModel, WorkerModel, metrics
 

@@ -126,11 +126,10 @@ class Trainer:
         self.loss_fn = build_loss(spec.loss, num_classes=self.data.num_classes,
                                   class_counts=self.data.class_counts).to(self.device)
         self.optimizer = build_optimizer(spec.optimizer, self.model)
-        batches = len(self.data.train) // tp.grad_accum
-        self.steps_per_epoch = min(batches, tp.max_steps_per_epoch) if tp.max_steps_per_epoch else batches
-        if self.steps_per_epoch < 1:
-            raise TrainingError(f"data.batch_size: {spec.data.batch_size} x train.grad_accum {tp.grad_accum} "
-                                f"leaves no full optimizer step in an epoch of {len(self.data.train)} batches")
+        try:
+            self.steps_per_epoch = tp.steps_per_epoch(len(self.data.train), spec.data.batch_size)
+        except ValueError as exc:
+            raise TrainingError(str(exc)) from None
         self.total_steps = self.steps_per_epoch * tp.epochs
         self.schedule = build_schedule(spec.schedule, base_lr=spec.optimizer.lr,
                                        steps_per_epoch=self.steps_per_epoch, epochs=tp.epochs)
