@@ -167,6 +167,17 @@ def median(xs) -> float:
     return pct(xs, 50)
 
 
+def bootstrap_ci(xs, level: float = 0.95, n: int = 2000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median (fixed seed: the same data, the same answer)."""
+    import random
+
+    if len(xs) < 2:
+        return float("nan"), float("nan")
+    rng = random.Random(0)
+    meds = sorted(median(rng.choices(xs, k=len(xs))) for _ in range(n))
+    return meds[int((1 - level) / 2 * n)], meds[int((1 + level) / 2 * n) - 1]
+
+
 def table(headers: list[str], rows: list[list], title: str = "") -> str:
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
@@ -222,6 +233,49 @@ def machine() -> str:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{os.cpu_count()} CPU ({model}), {mem_kb / 2**20:.0f} GiB RAM, Python {platform.python_version()}, "
             f"load avg {load:.2f}")
+
+
+def tree_cpu_s(pid: int) -> float:
+    """CPU seconds of a process, its live descendants, and the children they reaped (a
+    worker's run processes are forks of its forkserver, which reaps them)."""
+    total = 0.0
+    for p in [pid, *descendants(pid)]:
+        try:
+            with open(f"/proc/{p}/stat") as fh:
+                f = fh.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in f[11:15]) / os.sysconf("SC_CLK_TCK")
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def descendants(pid: int, depth: int = 64) -> list[int]:
+    parent_of = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    parent_of[int(entry)] = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+    out, frontier = [], [pid]
+    while frontier and depth > 0:
+        kids = [p for p, pp in parent_of.items() if pp in frontier]
+        out += kids
+        frontier, depth = kids, depth - 1
+    return out
+
+
+def run_processes(worker_pid: int) -> list[int]:
+    """A worker's run processes: forks of its forkserver (the forkserver is its child)."""
+    def cmd(p: int) -> str:
+        try:
+            with open(f"/proc/{p}/cmdline") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+    direct = set(descendants(worker_pid, depth=1))
+    return [p for p in descendants(worker_pid) if p not in direct and "forkserver" in cmd(p)]
 
 
 def cpu_s(pid: int) -> float:

@@ -1,6 +1,6 @@
 """Training overhead: a bare PyTorch loop vs a trainctl worker streaming every step.
 
-    python bench/overhead.py                 # ~2 min: resnet10t + small model, A/B interleaved
+    python bench/overhead.py                 # ~6 min: resnet10t + small model, A/B interleaved
     python bench/overhead.py --steps 100000  # + a 100,000-step run of the small model for RSS
 
 Arms, all with the same spec (model, synthetic data, batch, optimizer, cosine schedule,
@@ -11,8 +11,11 @@ seed) and the same torch thread count, each in its own long-lived process:
           a real `trainctl server` (SQLite) with one watching client (this process)
 steps/s = steps in the timed window / wall time between the first and last step of the
 window (warm-up steps dropped); for the worker the per-step wall_time comes from the
-streamed rows themselves. Arms are interleaved (bare, worker, engine, bare, ...) and the
-ratio is the median of per-round ratios, which cancels slow drift in machine load.
+streamed rows themselves. Arms are interleaved (bare, worker, engine, engine, worker,
+bare, ...) and the ratio is the median of per-round ratios, which cancels slow drift in
+machine load. On a shared VM one arm's speed moves by +-10 % from one run to the next,
+so the small model runs many short rounds and the median comes with a bootstrap 95 %
+interval: a single round says little.
 """
 from __future__ import annotations
 
@@ -25,8 +28,8 @@ import threading
 import time
 
 sys.path.insert(0, __import__("os").path.dirname(__file__))
-from _common import (PRESETS, ROOT, Cluster, DEFAULT_THREADS, cpu_s, machine, median, pct, rss_kb,  # noqa: E402
-                     spec, table, thread_env)
+from _common import (PRESETS, ROOT, Cluster, DEFAULT_THREADS, bootstrap_ci, cpu_s, machine, median, pct,  # noqa: E402
+                     rss_kb, run_processes, spec, table, thread_env, tree_cpu_s)
 
 
 class TrainHost:
@@ -101,7 +104,7 @@ def compare(cluster: Cluster, host: TrainHost, worker_pid: int, label: str, pres
     arms = ["bare", "worker"] + (["engine"] if with_engine else [])
     res: dict[str, list[float]] = {a: [] for a in arms}
     lat: list[float] = []
-    ratios, eng_ratios = [], []
+    ratios, eng_ratios, worker_eng = [], [], []
     cpu = {k: [] for k in ("bare", "engine", "worker", "server", "watcher")}  # CPU ms per step
     # One untimed warm-up of each process (allocator, timm/torch lazy init).
     host.run("bare", spec(f"warm-{label}", steps=5, **preset))
@@ -111,9 +114,10 @@ def compare(cluster: Cluster, host: TrainHost, worker_pid: int, label: str, pres
         got = {}
         for arm in order:
             if arm == "worker":
-                c0 = (cpu_s(worker_pid), cpu_s(cluster.server.pid), time.process_time())
+                # The worker's CPU includes its run processes (forks of its forkserver).
+                c0 = (tree_cpu_s(worker_pid), cpu_s(cluster.server.pid), time.process_time())
                 out = run_worker_arm(client, sd)
-                c1 = (cpu_s(worker_pid), cpu_s(cluster.server.pid), time.process_time())
+                c1 = (tree_cpu_s(worker_pid), cpu_s(cluster.server.pid), time.process_time())
                 for k, a, b in zip(("worker", "server", "watcher"), c0, c1):
                     cpu[k].append((b - a) * 1e3 / steps)
                 lat += out["lat_ms"][warm:]
@@ -126,12 +130,15 @@ def compare(cluster: Cluster, host: TrainHost, worker_pid: int, label: str, pres
         ratios.append(got["worker"] / got["bare"])
         if with_engine:
             eng_ratios.append(got["engine"] / got["bare"])
+            worker_eng.append(got["worker"] / got["engine"])
         print(f"  [{label}] round {r + 1}/{rounds}: " + ", ".join(f"{a} {got[a]:.1f}" for a in arms) +
               f" steps/s; worker/bare {ratios[-1]:.3f}", flush=True)
     client.close()
+    lo, hi = bootstrap_ci(ratios)
     return {"label": label, "steps": steps, "rounds": rounds, **{a: median(v) for a, v in res.items()},
-            "ratio": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "ratio": median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios), "ci": (lo, hi),
             "engine_ratio": median(eng_ratios) if eng_ratios else float("nan"),
+            "worker_engine": median(worker_eng) if worker_eng else float("nan"),
             "lat_p50": pct(lat, 50), "lat_p99": pct(lat, 99),
             **{f"cpu_{k}": median(v) if v else float("nan") for k, v in cpu.items()}}
 
@@ -150,7 +157,9 @@ def long_run(cluster: Cluster, worker_pid: int, steps: int, preset: dict) -> dic
     while w.is_alive():
         w.join(2.0)
         n = len(w.rows)
-        samples.append((time.time() - t0, n, rss_kb(cluster.server.pid)[0], rss_kb(worker_pid)[0]))
+        # The worker = its agent + the run process training (a fork of its forkserver).
+        samples.append((time.time() - t0, n, rss_kb(cluster.server.pid)[0],
+                        rss_kb(worker_pid)[0] + sum(rss_kb(p)[0] for p in run_processes(worker_pid))))
         if samples[-1][0] - shown >= 60:  # a trend survives a run cut short
             shown = samples[-1][0]
             print(f"  [long run] {shown:5.0f} s  {n:7d} rows  server RSS {samples[-1][2] / 1024:6.0f} MB  "
@@ -165,14 +174,15 @@ def long_run(cluster: Cluster, worker_pid: int, steps: int, preset: dict) -> dic
     return {"steps": n, "epochs": epochs, "seconds": samples[-1][0], "server_rss_10pct_mb": early[2] / 1024,
             "server_rss_end_mb": late[2] / 1024, "server_peak_mb": rss_kb(cluster.server.pid)[1] / 1024,
             "worker_rss_10pct_mb": early[3] / 1024, "worker_rss_end_mb": late[3] / 1024,
-            "worker_peak_mb": rss_kb(worker_pid)[1] / 1024, "rate": rate(w.rows and [r[1] for r in w.rows], 100)}
+            "worker_peak_mb": max(s[3] for s in samples) / 1024, "rate": rate(w.rows and [r[1] for r in w.rows], 100)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved A/B rounds per model")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds for resnet10t")
+    ap.add_argument("--small-rounds", type=int, default=25, help="interleaved rounds for the small model")
     ap.add_argument("--big-steps", type=int, default=30, help="timed steps per resnet10t run")
-    ap.add_argument("--small-steps", type=int, default=600, help="timed steps per small-model run")
+    ap.add_argument("--small-steps", type=int, default=300, help="timed steps per small-model run")
     ap.add_argument("--steps", type=int, default=0,
                     help="also run one long small-model run of this many steps and report RSS (e.g. 100000)")
     ap.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch threads in every training process")
@@ -192,7 +202,7 @@ def main() -> None:
                                        args.rounds, not args.no_engine))
             if args.only in (None, "small"):
                 results.append(compare(cluster, host, worker.pid, "test_vit 16px b8", PRESETS["small"], args.small_steps,
-                                       args.rounds, not args.no_engine))
+                                       args.small_rounds, not args.no_engine))
             long = long_run(cluster, worker.pid, args.steps, PRESETS["small"]) if args.steps else None
         finally:
             host.close()
@@ -210,10 +220,11 @@ def main() -> None:
 
 def print_comparison(results: list[dict]) -> None:
     print()
-    table(["model", "steps", "rounds", "bare steps/s", "worker steps/s", "worker/bare (median)",
-           "min..max", "engine/bare", "stream p50 ms", "p99 ms", "target"],
+    table(["model", "steps", "rounds", "bare steps/s", "worker steps/s", "worker/bare (median)", "95% CI",
+           "min..max", "engine/bare", "worker/engine", "stream p50 ms", "p99 ms", "target"],
           [[r["label"], r["steps"], r["rounds"], r["bare"], r["worker"], r["ratio"],
-            f"{r['ratio_min']:.3f}..{r['ratio_max']:.3f}", r["engine_ratio"], r["lat_p50"], r["lat_p99"],
+            f"{r['ci'][0]:.3f}..{r['ci'][1]:.3f}", f"{r['ratio_min']:.3f}..{r['ratio_max']:.3f}",
+            r["engine_ratio"], r["worker_engine"], r["lat_p50"], r["lat_p99"],
             "MET" if r["ratio"] >= 0.99 else "gap"] for r in results],
           title="Training overhead (worker = trainctl worker streaming every step to a live server, 1 watcher)")
     print()

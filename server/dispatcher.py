@@ -37,9 +37,26 @@ class WorkerSession:
     # Its lease expired while the stream stayed open (a frozen process): assign nothing
     # until it speaks again.
     suspect: bool = False
+    # Highest stored seq per (experiment_id, attempt) not yet acknowledged: acks are
+    # cumulative, so one per ACK_DELAY_S does (every message wakes worker threads that
+    # compete with its training thread for the GIL).
+    _acks: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    ACK_DELAY_S = 0.1
 
     def send(self, msg: pb.ServerMessage) -> None:
         self.outbox.put_nowait(msg)
+
+    def ack_later(self, experiment_id: int, attempt: int, seq: int) -> None:
+        if not self._acks:
+            asyncio.get_running_loop().call_later(self.ACK_DELAY_S, self._send_acks)
+        key = (experiment_id, attempt)
+        self._acks[key] = max(seq, self._acks.get(key, 0))
+
+    def _send_acks(self) -> None:
+        acks, self._acks = self._acks, {}
+        for (experiment_id, attempt), seq in acks.items():
+            self.send(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=experiment_id, attempt=attempt, seq=seq)))
 
     def close(self) -> None:
         self.outbox.put_nowait(None)

@@ -108,8 +108,7 @@ class WorkersService(pb_grpc.WorkersServicer):
             return
         self.live.stats.ingested(points)
         self.dispatcher.renew(batch.experiment_id, batch.attempt)
-        session.send(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=batch.experiment_id,
-                                                            attempt=batch.attempt, seq=batch.seq)))
+        session.ack_later(batch.experiment_id, batch.attempt, batch.seq)
         self.live.publish(batch.experiment_id, pb.WatchEvent(metrics=batch))
 
     async def _on_state(self, session: WorkerSession, st: pb.StateUpdate) -> None:

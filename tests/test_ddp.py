@@ -96,7 +96,7 @@ def test_rank0_streams_the_mean_of_the_ranks_losses(cancelled_run):
     streamed = dict(sink.series("loss"))
     assert sorted(streamed) == sorted(s0)  # every step once, from rank 0 alone
     for step, loss in streamed.items():
-        l0, l1 = s0[step]["loss_sum"] / s0[step]["n"], s1[step]["loss_sum"] / s1[step]["n"]
+        l0, l1 = s0[step]["loss"], s1[step]["loss"]
         assert l0 != l1  # different shards
         assert loss == pytest.approx((l0 + l1) / 2, rel=1e-6), step
     assert dict(sink.series("lr")) == {k: v["lrs"][0] for k, v in s0.items()}
@@ -129,7 +129,7 @@ def test_resumed_two_rank_run_continues_exactly(cancelled_run):
     for r in (0, 1):
         before, after = _steps(first[r]), _steps(trace[r])
         for step in set(before) & set(after):
-            assert (before[step]["loss_sum"], before[step]["lrs"]) == (after[step]["loss_sum"], after[step]["lrs"])
+            assert (before[step]["loss"], before[step]["lrs"]) == (after[step]["loss"], after[step]["lrs"])
     assert summary.steps == EPOCHS * SPE and summary.epochs == EPOCHS
     # 18 steps of 2 x 64 images: the training batches are learnt (train_acc is summed over
     # both ranks); validation still lags behind BatchNorm's running statistics this early

@@ -2,6 +2,7 @@
 a stale worker comes back, workers stop gracefully. Nothing lost, nothing doubled."""
 from __future__ import annotations
 
+import os
 import signal
 import sqlite3
 import time
@@ -96,7 +97,7 @@ def test_stale_worker_is_fenced_and_drops_the_run(fast_cluster):
     w0 = fast_cluster.add_worker("w0")
     x = c.submit(digits_spec("stale", epochs=6, max_steps=8))
     _wait_epoch(c, x.id, 0)
-    w0.popen.send_signal(signal.SIGSTOP)  # frozen, not dead: its lease expires
+    os.killpg(w0.popen.pid, signal.SIGSTOP)  # frozen (agent and run process), not dead: its lease expires
     for ev in c.watch(x.id, live_only=True):
         if ev.kind == "experiment" and ev.experiment.state == "QUEUED":
             break
@@ -104,7 +105,7 @@ def test_stale_worker_is_fenced_and_drops_the_run(fast_cluster):
     for ev in c.watch(x.id, live_only=True):
         if ev.kind == "experiment" and ev.experiment.attempt == 2 and ev.experiment.state == "RUNNING":
             break
-    w0.popen.send_signal(signal.SIGCONT)  # comes back believing it still owns attempt 1
+    os.killpg(w0.popen.pid, signal.SIGCONT)  # comes back believing it still owns attempt 1
     final = c.wait(x.id, timeout=180)
     assert final.state == "COMPLETED" and final.attempt == 2 and final.worker_id == "w1", fast_cluster.logs()
     _assert_complete_history(fast_cluster.db_path, x.id, steps=48, epochs=6)

@@ -1,13 +1,14 @@
 """The worker agent: keeps a stream to the server, runs what it is assigned.
 
-Threads: the main thread trains (one run at a time); a receiver thread reads the
-server's messages (assignments, control, cancel, acks) and reconnects with backoff
-when the stream breaks; gRPC's own thread drains the `Outbox` into the stream.
+Threads: the main thread runs one run at a time, each in its own process (see
+runner.py: the loop must not share a GIL with the gRPC threads) and relays between
+it and the outbox; a receiver thread reads the server's messages (assignments,
+control, cancel, acks) and reconnects with backoff when the stream breaks; gRPC's own
+thread drains the `Outbox` into the stream.
 """
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import signal
@@ -25,19 +26,10 @@ from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.wire import dict_from_struct, verb_of
+from trainctl.workers.runner import ForwardingInbox, failure_reason, run_in_process, warm_up
 from trainctl.workers.shipper import Outbox, RunSink
 
 log = logging.getLogger(__name__)
-
-
-def local_devices() -> list[pb.Device]:
-    import torch
-
-    if torch.cuda.is_available():
-        return [pb.Device(kind="cuda", index=i, name=torch.cuda.get_device_name(i),
-                          memory_bytes=torch.cuda.get_device_properties(i).total_memory)
-                for i in range(torch.cuda.device_count())]
-    return [pb.Device(kind="cpu", index=0, name=f"{os.cpu_count()} cores")]
 
 
 class _Run:
@@ -62,7 +54,9 @@ class Agent:
         self.heartbeat_interval = 2.0
         self.current: Optional[_Run] = None
         self._lock = threading.Lock()
-        self._devices = local_devices()
+        # Asked of a fork of the forkserver (which imports torch once for every run):
+        # the agent itself never imports torch.
+        self._devices = [pb.Device(**d) for d in warm_up()]
         self.exit_code = 0
 
     # ------------------------------------------------------------------ connection
@@ -171,8 +165,8 @@ class Agent:
 
     def _train(self, a: pb.Assignment) -> None:
         from trainctl.spec import SpecError, parse_spec
-        from trainctl.workers.engine.context import Ack, ControlInbox, TrainingContext
-        from trainctl.workers.engine.loop import Cancelled, Trainer, TrainingError
+        from trainctl.workers.engine.context import Ack, TrainingContext
+        from trainctl.workers.engine.context import Cancelled, TrainingError
 
         def send_ack(ack: Ack) -> None:
             self.outbox.send(pb.WorkerMessage(ack=pb.ControlAck(
@@ -180,7 +174,7 @@ class Agent:
                 applied_step=ack.applied_step, old_value=ack.old_value, new_value=ack.new_value,
                 message=ack.message)), sticky=True)
 
-        inbox = ControlInbox(scheduled=_scheduled_commands(a), on_ack=send_ack)
+        inbox = ForwardingInbox(scheduled=_scheduled_commands(a), on_ack=send_ack)
         for cmd in _live_commands(a):
             inbox.put(cmd)
         run = _Run(a, inbox)
@@ -200,7 +194,7 @@ class Agent:
 
                 summary = run_ddp(spec, ctx)  # rank 0 bridged to this ctx (sink, inbox, progress)
             else:
-                summary = Trainer(spec, ctx).run()
+                summary = run_in_process(spec, ctx, lambda rows: self.outbox.add_rows(a.experiment_id, a.attempt, rows))
             self._state(run, pb.COMPLETED, summary=summary.as_dict())
             log.info("experiment %d completed: val_top1 %.4f", a.experiment_id, summary.val_top1)
         except Cancelled as exc:
@@ -222,16 +216,6 @@ class Agent:
         run = self.current
         if run is not None:
             run.inbox.cancel("worker stopping")
-
-
-def failure_reason(exc: BaseException) -> str:
-    """One line a user can act on; out-of-memory (CUDA or host) is named as such."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower() \
-        or "can't allocate memory" in text.lower()
-    if oom:
-        return f"out of memory: {text[:300]}"
-    return f"{type(exc).__name__}: {text[:500]}"
 
 
 def _scheduled_commands(a: pb.Assignment):

@@ -38,13 +38,14 @@ from __future__ import annotations
 
 import argparse
 import logging
-import multiprocessing
 import os
 import queue
 import sys
 import threading
 import time
 from typing import Any, Optional
+
+from trainctl.workers.runner import forkserver
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def run_ddp(spec, ctx, *, master: Optional[str] = None, trace_dir: Optional[str]
         raise Cancelled(ctx.inbox.cancel_reason)
     res = spec.resources
     config = launch_config(res.nproc, res.nnodes, master=master or os.environ.get(MASTER_ENV))
-    mp = _forkserver()
+    mp = forkserver()
     up, down = mp.Queue(), mp.Queue()
     waiting = ctx.inbox.due(sys.maxsize)  # scheduled ones keep their at_step
     bridge = threading.Thread(target=_pump, args=(ctx, up, down), name="ddp-bridge", daemon=True)
@@ -115,24 +116,10 @@ def run_ddp(spec, ctx, *, master: Optional[str] = None, trace_dir: Optional[str]
         raise TrainingError(f"DDP run failed: {_failure_text(outcome['error'])}")
     kind, payload = outcome["ranks"][0]
     if kind == "completed":
-        return Summary(**{k: int(v) if k in ("steps", "best_epoch", "epochs") else v for k, v in payload.items()})
+        return Summary.from_dict(payload)
     if kind == "cancelled":
         raise Cancelled(payload)
     raise TrainingError(payload)
-
-
-def _forkserver():
-    """The forkserver context the ranks start from. Its server process imports torch, timm
-    and the engine once; each rank is then a fork of it (no threads there, unlike the
-    agent), which cuts a rank's start from ~10 s of imports on a small box to a fork,
-    and later runs of the same worker reuse it."""
-    mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload(_PRELOAD)  # only takes effect before the server first starts
-    return mp
-
-
-_PRELOAD = ["trainctl.workers.ddp", "trainctl.workers.engine.loop", "timm", "sklearn.datasets",
-            "sklearn.model_selection"]
 
 
 def _pump(ctx, up, down) -> None:

@@ -1,10 +1,10 @@
 """Everything a worker sends upstream goes through one `Outbox`, in order.
 
-The training loop hands rows to `RunSink.log` (never blocks: a put on an in-memory
-queue). The gRPC request iterator drains the outbox: after the first row of a batch it
-lingers up to `LINGER_S` for more, so a fast run sends tens of messages a second instead
+The training loop hands rows to `RunSink.log` (never blocks, and does not wake the
+sender: an append to an in-memory deque). The gRPC request iterator drains the outbox
+every `LINGER_S` while rows flow, so a fast run sends tens of messages a second instead
 of one per step (each message costs both processes about a millisecond of CPU, which a
-short step cannot spare). Acks and state updates end the linger at once, and keep their
+short step cannot spare). Acks and state updates wake the sender at once, and keep their
 place after the rows logged before them, so the last metrics precede the final state.
 
 Batches stay in `unacked` (spilling to disk past a bound) until the server's BatchAck,
@@ -15,12 +15,10 @@ server was down is not left RUNNING.
 """
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
@@ -49,12 +47,18 @@ class Outbox:
     MAX_STICKY = 1000
 
     def __init__(self, in_memory_batches: int = 10_000, spill_path: Optional[Path] = None):
-        self._q: "queue.Queue[object]" = queue.Queue()
+        # A deque, not a queue.Queue: a row from the training thread must not wake the
+        # sender (one wake-up and GIL hand-off per step cost a short step ~10%). The
+        # sender drains every LINGER_S while rows flow; only a row that finds it parked,
+        # or an urgent message (state, ack), sets `_wake`.
+        self._items: "deque[object]" = deque()
+        self._wake = threading.Event()
+        self._parked = True
         self._seq: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
         self.unacked = UnackedBatches(in_memory_batches, spill_path)
         self._sticky: "OrderedDict[tuple, pb.WorkerMessage]" = OrderedDict()
-        # Sticky messages a stream already took from the queue: only these are resent
+        # Sticky messages a stream already took from the outbox: only these are resent
         # after a reconnect (the others are still queued, behind the rows before them).
         self._delivered: set[tuple] = set()
 
@@ -68,10 +72,21 @@ class Outbox:
                 self._delivered.discard(key)
                 while len(self._sticky) > self.MAX_STICKY:
                     self._delivered.discard(self._sticky.popitem(last=False)[0])
-        self._q.put(msg)
+        self._items.append(msg)
+        self._wake.set()
 
     def row(self, experiment_id: int, attempt: int, scope: str, step: int, epoch: int, values: dict) -> None:
-        self._q.put(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, time.time(), values))
+        self._items.append(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, time.time(), values))
+        if self._parked:
+            self._parked = False
+            self._wake.set()
+
+    def add_rows(self, experiment_id: int, attempt: int, rows: list[tuple]) -> None:
+        """Rows already batched elsewhere (a run process): (scope, step, epoch, wall_time,
+        values) each. They wake the sender at once rather than waiting out a linger."""
+        for scope, step, epoch, wall_time, values in rows:
+            self._items.append(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, wall_time, values))
+        self._wake.set()
 
     def acked(self, experiment_id: int, attempt: int, seq: int) -> None:
         with self._lock:
@@ -83,12 +98,18 @@ class Outbox:
             self.unacked.forget(experiment_id, attempt)
 
     def pending(self) -> int:
-        return self._q.qsize() + len(self.unacked)
+        return len(self._items) + len(self.unacked)
 
     # ------------------------------------------------------------------ the consumer
     def stream(self, hello: pb.WorkerMessage, heartbeat, interval: float,
                stop: threading.Event) -> Iterator[pb.WorkerMessage]:
-        """The request iterator of one Connect call: hello, resends, then live traffic."""
+        """The request iterator of one Connect call: hello, resends, then live traffic.
+
+        While rows flow the sender wakes every LINGER_S and sends what collected, so a
+        fast run sends tens of messages a second whatever its step rate; an urgent
+        message cuts the wait short. After a wait with nothing to send it parks until
+        the next row, or a heartbeat is due.
+        """
         yield hello
         with self._lock:
             resend = list(self.unacked)
@@ -97,40 +118,36 @@ class Outbox:
             yield pb.WorkerMessage(metrics=batch)
         yield from sticky
         last_sent = time.monotonic()
+        timeout = 0.0
         while not stop.is_set():
-            timeout = max(0.0, interval - (time.monotonic() - last_sent))
-            try:
-                item = self._q.get(timeout=timeout)
-            except queue.Empty:
+            self._wake.wait(timeout)
+            self._parked = False
+            # Clear before draining: anything appended after this either is drained now
+            # or sets the event again, so no wake-up is lost.
+            self._wake.clear()
+            items = self._drain()
+            if items:
+                yield from self._messages(items)
+                last_sent = time.monotonic()
+                timeout = LINGER_S
+                continue
+            if time.monotonic() - last_sent >= interval:
                 last_sent = time.monotonic()
                 yield pb.WorkerMessage(heartbeat=heartbeat())
-                continue
-            for msg in self._with_waiting_rows(self._linger(item)):
-                yield msg
-            last_sent = time.monotonic()
+            self._parked = True
+            # A row that landed before `_parked` was set did not wake us: look again.
+            timeout = 0.0 if self._items else max(0.0, interval - (time.monotonic() - last_sent))
 
-    def _linger(self, first: object) -> list[object]:
-        items = [first]
-        if not isinstance(first, _Row):
-            return items
-        deadline = time.monotonic() + LINGER_S
-        while len(items) < MAX_ROWS_PER_BATCH:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                item = self._q.get(timeout=left)
-            except queue.Empty:
-                break
-            items.append(item)
-            if not isinstance(item, _Row):
-                break
+    def _drain(self) -> list[object]:
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
         return items
 
-    def _with_waiting_rows(self, items: list[object]) -> Iterator[pb.WorkerMessage]:
-        """Batches of `items` and of whatever else is already waiting, in order."""
+    def _messages(self, items: list[object]) -> Iterator[pb.WorkerMessage]:
+        """`items` as messages, in order: runs of rows become metric batches."""
         rows: list[_Row] = []
-        for item in itertools.chain(items, self._waiting()):
+        for item in items:
             if isinstance(item, _Row):
                 rows.append(item)
                 if len(rows) >= MAX_ROWS_PER_BATCH:
@@ -144,13 +161,6 @@ class Outbox:
                         self._delivered.add(_sticky_key(item))
                 yield item  # type: ignore[misc]
         yield from self._batches(rows)
-
-    def _waiting(self) -> Iterator[object]:
-        while True:
-            try:
-                yield self._q.get_nowait()
-            except queue.Empty:
-                return
 
     def _batches(self, rows: list[_Row]) -> Iterator[pb.WorkerMessage]:
         batch: Optional[pb.MetricBatch] = None

@@ -117,6 +117,34 @@ class ControlInbox:
         return self._cancel.is_set()
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on; the message is what users see as the failure reason."""
+
+
+class Cancelled(Exception):
+    pass
+
+
+@dataclass
+class Summary:
+    val_top1: float
+    best_val_top1: float
+    best_epoch: int
+    val_balanced_acc: float
+    val_loss: float
+    train_loss: float
+    steps: int
+    epochs: int
+    seconds: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.__dict__.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, float]) -> "Summary":
+        return cls(**{k: int(v) if k in ("steps", "best_epoch", "epochs") else v for k, v in d.items()})
+
+
 @dataclass
 class TrainingContext:
     """Everything the loop needs besides the spec."""

@@ -23,7 +23,6 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -34,7 +33,7 @@ from trainctl.spec import Spec
 from trainctl.workers.engine.amp import Precision, PrecisionError
 from trainctl.workers.engine.checkpoint import load_checkpoint, save_checkpoint
 from trainctl.workers.engine.clip import clip_gradients
-from trainctl.workers.engine.context import EPOCH, TrainingContext
+from trainctl.workers.engine.context import EPOCH, Cancelled, Summary, TrainingContext, TrainingError  # noqa: F401 (re-exported)
 from trainctl.workers.engine.control import ControlTargets, apply_command
 from trainctl.workers.engine.data import build_data
 from trainctl.workers.engine.distributed import RankContext
@@ -49,30 +48,6 @@ from trainctl.workers.engine.schedulers import build_schedule
 from trainctl.workers.engine.stepstats import StepStats
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """A run that cannot go on; the message is what users see as the failure reason."""
-
-
-class Cancelled(Exception):
-    pass
-
-
-@dataclass
-class Summary:
-    val_top1: float
-    best_val_top1: float
-    best_epoch: int
-    val_balanced_acc: float
-    val_loss: float
-    train_loss: float
-    steps: int
-    epochs: int
-    seconds: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self.__dict__.items()}
 
 
 def pick_device(requested: str) -> torch.device:
@@ -171,7 +146,7 @@ class Trainer:
                 loss, correct, n = self._train_step(batches, epoch)
                 self.stats.add(self.step, epoch, lr, loss, correct, n)
                 self.dist.trace("step", step=self.step, lrs=[g["lr"] for g in self.optimizer.param_groups],
-                                loss_sum=loss, n=n, applied=applied)
+                                loss=loss, n=n, applied=applied)
                 self._check_finite(self.stats.first_nonfinite_step)
                 self.step += 1
                 now = time.monotonic()
@@ -196,11 +171,12 @@ class Trainer:
         return [cmd.command_id for cmd in commands]
 
     def _train_step(self, batches, epoch: int):
+        """One optimizer step; returns (mean loss, correct count, samples) with the
+        first two still tensors on the device (StepStats reads them in bulk)."""
         tp = self.spec.train
         size = self.multiscale.size_at(self.step) if self.multiscale else None
         self.optimizer.zero_grad(set_to_none=True)
-        total_loss = torch.zeros((), device=self.device)
-        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        loss_mean = correct = None
         n = 0
         for i in range(tp.grad_accum):
             x, y = next(batches)
@@ -210,21 +186,24 @@ class Trainer:
             with self.dist.no_sync(self.forward, last=i == tp.grad_accum - 1):
                 with self.precision.autocast():
                     logits = self.forward(x)
-                    # Mean over the whole optimizer batch: micro-batches are equal-sized.
-                    loss = self.loss_fn(logits, target) / tp.grad_accum
+                    loss = self.loss_fn(logits, target)
+                    if tp.grad_accum > 1:  # mean over the whole optimizer batch (equal micro-batches)
+                        loss = loss / tp.grad_accum
                 self.precision.backward(loss)
-            total_loss += loss.detach().float() * tp.grad_accum * x.shape[0]
-            correct += (logits.detach().argmax(1) == y).sum()
+            # Few tensor ops here on purpose: at a few ms per step each one shows.
+            hits = (logits.detach().argmax(1) == y).sum()
+            loss_mean = loss.detach() if loss_mean is None else loss_mean + loss.detach()
+            correct = hits if correct is None else correct + hits
             n += x.shape[0]
         # `skip` must decide before the update, so it reads the loss on the host: one
         # sync per step, the price of that option (the default `fail` has none).
-        if tp.on_nonfinite == "skip" and not self.dist.all_finite(total_loss):
+        if tp.on_nonfinite == "skip" and not self.dist.all_finite(loss_mean):
             self.optimizer.zero_grad(set_to_none=True)
-            return total_loss, correct, n
+            return loss_mean, correct, n
         self.precision.step(self.optimizer, self._clip)
         if self.ema is not None:
             self.ema.update(self.model, self.step)
-        return total_loss, correct, n
+        return loss_mean, correct, n
 
     def _to_device(self, x: torch.Tensor, size: Optional[int]) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
@@ -249,6 +228,7 @@ class Trainer:
 
     def _end_epoch(self, epoch: int, seconds: float) -> dict[str, float]:
         sums = self.stats.flush()  # summed over ranks: the same on every rank
+        self.ctx.sink.flush()  # the epoch's last steps go out before evaluation starts
         self._check_finite(sums.first_nonfinite_step)
         row = None
         if self.dist.is_main:  # the validation set is not sharded: rank 0 evaluates

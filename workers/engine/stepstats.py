@@ -7,8 +7,8 @@ The rows are the same whatever `sync_every` is; only when they reach the sink di
 
 Under DDP (`reduce` set, `world_size` ranks) each drain sums the pending loss and
 correct tensors over ranks with one all_reduce, so rows and epoch sums are global: the
-loss is the mean over all ranks' samples (the mean of the ranks' losses, their batches
-being equal), samples_per_sec counts every rank. Every rank drains at the same steps.
+loss is the mean over all ranks' samples (the mean of the ranks' mean losses, their
+batches being equal), samples_per_sec counts every rank. Every rank drains at the same steps.
 
 A non-finite loss is therefore seen up to `sync_every` steps late; the step number it
 reports is still the exact step, and non-finite steps are kept out of the epoch sums
@@ -45,9 +45,10 @@ class StepStats:
     _sums: EpochSums = field(default_factory=EpochSums)
     _last_time: float = field(default_factory=time.perf_counter)
 
-    def add(self, step: int, epoch: int, lr: float, loss_sum: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+    def add(self, step: int, epoch: int, lr: float, loss: torch.Tensor, correct: torch.Tensor, n: int) -> None:
+        """`loss` is the step's mean loss over its `n` samples, `correct` their hit count."""
         now = time.perf_counter()
-        self._pending.append((step, epoch, lr, loss_sum, correct, n, now - self._last_time))
+        self._pending.append((step, epoch, lr, loss, correct, n, now - self._last_time))
         self._last_time = now
         if len(self._pending) >= self.sync_every:
             self._drain()
@@ -67,17 +68,21 @@ class StepStats:
     def _drain(self) -> None:
         if not self._pending:
             return
-        losses = torch.stack([p[3] for p in self._pending]).float()
-        corrects = torch.stack([p[4] for p in self._pending])
-        if self.reduce is not None:  # one collective for the whole drain
-            summed = self.reduce(torch.stack([losses.double(), corrects.double()]))
-            losses, corrects = summed[0], summed[1].round().long()
-        losses, corrects = losses.cpu().tolist(), corrects.cpu().tolist()
-        for (step, epoch, lr, _, _, n, dt), loss_sum, correct in zip(self._pending, losses, corrects):
+        if self.reduce is None and self._pending[0][3].device.type == "cpu":
+            # No device to sync with: a scalar read is cheaper than stacking.
+            losses = [float(p[3]) for p in self._pending]
+            corrects = [int(p[4]) for p in self._pending]
+        else:
+            losses = torch.stack([p[3] for p in self._pending]).float()
+            corrects = torch.stack([p[4] for p in self._pending])
+            if self.reduce is not None:  # one collective for the whole drain: sums over ranks
+                summed = self.reduce(torch.stack([losses.double(), corrects.double()]))
+                losses, corrects = summed[0] / self.world_size, summed[1].round().long()
+            losses, corrects = losses.cpu().tolist(), corrects.cpu().tolist()
+        for (step, epoch, lr, _, _, n, dt), loss, correct in zip(self._pending, losses, corrects):
             n *= self.world_size
-            loss = loss_sum / n
             if math.isfinite(loss):
-                self._sums.loss_sum += loss_sum
+                self._sums.loss_sum += loss * n
                 self._sums.correct += int(correct)
                 self._sums.seen += n
             else:
