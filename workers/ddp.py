@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from trainctl.workers.runner import forkserver
+from trainctl.workers.runner import forkserver, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +212,7 @@ def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, u
     from trainctl.workers.engine.loop import Cancelled, Trainer, TrainingError, pick_device
 
     _exit_with_parent()
+    tune_malloc()
     try:
         spec = parse_spec(spec_dict, check_model=False)
         device = pick_device(spec.train.device)

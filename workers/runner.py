@@ -254,9 +254,31 @@ def _send(conn, msg: tuple) -> None:
         pass  # the agent is gone; the inbox notices and cancels at the next step
 
 
+def tune_malloc() -> None:
+    """Keep freed tensor memory in the heap instead of handing it back to the OS.
+
+    glibc raises its mmap threshold only as it sees big blocks freed, so a long-lived
+    process ends up reusing step buffers while a fresh run process returns them to the
+    OS and faults them back in every step: ~2,500 page faults (10 MB) a step for
+    resnet10t at batch 64, ~5 % of its step time. Fixing the thresholds at the values a
+    warmed-up process reaches on its own (glibc's maximum, 32 MB, and twice that for
+    trimming) makes a fresh process as fast from its first steps. glibc only."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
 def _run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Optional[str]) -> None:
     from trainctl.spec import SpecError, parse_spec
     from trainctl.workers.engine.loop import Cancelled, Trainer, TrainingError
+
+    tune_malloc()
 
     # Ctrl-C in a terminal reaches the whole process group: the agent decides (it cancels
     # or hands the run back); this process only follows.
