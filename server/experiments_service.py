@@ -1,6 +1,7 @@
 """The Experiments service: what clients call."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -114,7 +115,11 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
                 yield pb.WatchEvent(experiment=convert.experiment_to_pb(x))
                 return
             backlog: list = []  # an event _coalesce took from the queue but could not merge
+            sent_at = 0.0
             while True:
+                wait = sent_at + self.live.hub.pace(request.id) - time.monotonic()
+                if wait > 0 and not backlog:
+                    await asyncio.sleep(wait)  # many watchers: fewer, fuller sends (see hub.py)
                 event = backlog.pop() if backlog else await sub.get()
                 if event is not None and event.WhichOneof("event") == "metrics":
                     event, backlog = _coalesce(event, sub)
@@ -128,6 +133,7 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
                     if event is None:
                         continue
                 yield event
+                sent_at = time.monotonic()
                 if which == "experiment" and event.experiment.state in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
                     return
         finally:
