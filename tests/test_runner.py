@@ -16,7 +16,7 @@ from trainctl.workers.engine.context import Ack, Command
 
 
 def _child_logs_rows(conn, n: int, gap_s: float) -> None:
-    sink = runner.PipeSink(conn)
+    sink = runner.BatchingSink(conn.send)
     for step in range(n):
         sink.log("STEP", step, 0, {"loss": float(step)})
         time.sleep(gap_s)
@@ -24,7 +24,7 @@ def _child_logs_rows(conn, n: int, gap_s: float) -> None:
     conn.send(("done",))
 
 
-def test_pipe_sink_batches_rows_and_sends_epoch_rows_at_once():
+def test_batching_sink_batches_rows_and_sends_epoch_rows_at_once():
     mp = multiprocessing.get_context("spawn")
     here, there = mp.Pipe()
     p = mp.Process(target=_child_logs_rows, args=(there, 60, 0.002))

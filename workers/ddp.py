@@ -13,8 +13,8 @@ Design, and why it is this shape:
   Each rank joins the process group with `RankContext.start` (engine/distributed.py):
   `init_process_group` over the launcher's env://, gloo on CPU, nccl on CUDA.
 * **The bridge** between rank 0 and the agent is two spawn-context multiprocessing
-  queues handed to the entrypoint as arguments: `up` (rank 0 -> agent: metric rows, acks,
-  progress) and `down` (agent -> rank 0: live commands, cancel). In rank 0 they back a
+  queues handed to the entrypoint as arguments: `up` (rank 0 -> agent: metric rows in
+  batches of up to 20 ms, acks, progress) and `down` (agent -> rank 0: live commands, cancel). In rank 0 they back a
   `MetricsSink` and a plain `ControlInbox` (fed by a reader thread), so the loop sees
   exactly what it sees in one process and stays free of gRPC. In the agent one bridge
   thread moves `up` into the agent's own sink/inbox/progress (the Outbox, so batching,
@@ -45,7 +45,7 @@ import threading
 import time
 from typing import Any, Optional
 
-from trainctl.workers.runner import forkserver, tune_malloc
+from trainctl.workers.runner import BatchingSink, forkserver, tune_malloc
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +135,9 @@ def _pump(ctx, up, down) -> None:
             return
         try:
             if msg is not None:
-                if msg[0] == "row":
-                    ctx.sink.log(*msg[1:])
-                elif msg[0] == "flush":
-                    ctx.sink.flush()
+                if msg[0] == "rows":
+                    for scope, step, epoch, _wall_time, values in msg[1]:
+                        ctx.sink.log(scope, step, epoch, values)
                 elif msg[0] == "ack":
                     ctx.inbox.ack(msg[1])
                 elif msg[0] == "progress":
@@ -161,20 +160,6 @@ def _failure_text(exc: BaseException) -> str:
 
 
 # ---------------------------------------------------------------------- in each rank
-
-
-class _QueueSink:
-    """Rank 0's MetricsSink: rows go to the agent (a put never blocks: the queue's feeder
-    thread pickles and writes)."""
-
-    def __init__(self, up):
-        self.up = up
-
-    def log(self, scope: str, step: int, epoch: int, values: dict[str, float]) -> None:
-        self.up.put(("row", scope, step, epoch, dict(values)))
-
-    def flush(self) -> None:
-        self.up.put(("flush",))
 
 
 def _receive(down, inbox) -> None:
@@ -229,7 +214,7 @@ def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, u
             for cmd in commands:
                 inbox.put(cmd)
             threading.Thread(target=_receive, args=(down, inbox), name="ddp-inbox", daemon=True).start()
-            ctx = TrainingContext(sink=_QueueSink(up), inbox=inbox, checkpoint_dir=checkpoint_dir,
+            ctx = TrainingContext(sink=BatchingSink(up.put), inbox=inbox, checkpoint_dir=checkpoint_dir,
                                   on_progress=lambda step: up.put(("progress", step)))
         try:
             summary = Trainer(spec, ctx, dist=rank).run()
