@@ -165,8 +165,7 @@ class Agent:
 
     def _train(self, a: pb.Assignment) -> None:
         from trainctl.spec import SpecError, parse_spec
-        from trainctl.workers.engine.context import Ack, TrainingContext
-        from trainctl.workers.engine.context import Cancelled, TrainingError
+        from trainctl.workers.engine.context import Ack, Cancelled, TrainingContext, TrainingError
 
         def send_ack(ack: Ack) -> None:
             self.outbox.send(pb.WorkerMessage(ack=pb.ControlAck(
