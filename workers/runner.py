@@ -135,6 +135,7 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[tuple]], 
     there.close()
     cancel_sent = False
     outcome = None
+    ended = False  # its end of the pipe closed: it exited or is dying
     pinged = 0.0
     try:
         while outcome is None:
@@ -149,6 +150,7 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[tuple]], 
             try:
                 msg = here.recv()
             except (EOFError, OSError):  # OSError: reset, when it died with our pings unread
+                ended = True
                 break
             kind = msg[0]
             if kind == "rows":
@@ -160,7 +162,9 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[tuple]], 
             elif kind == "done":
                 outcome = msg[1:]
     finally:
-        proc.join(10 if outcome else 30)
+        # Done or dying: let it exit (its exit code names the signal). Anything else is
+        # an error on this side, leaving through here: do not leave it training.
+        proc.join(10 if outcome is not None or ended else 0)
         if proc.is_alive():
             proc.kill()
             proc.join()
