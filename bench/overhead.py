@@ -7,8 +7,9 @@ Arms, all with the same spec (model, synthetic data, batch, optimizer, cosine sc
 seed) and the same torch thread count, each in its own long-lived process:
   bare    plain PyTorch loop (bench/_trainhost.py), no logging at all
   engine  trainctl's Trainer with a NullSink (same host process): engine cost only
-  worker  a real `trainctl worker` process: Trainer -> RunSink -> Outbox -> gRPC ->
-          a real `trainctl server` (SQLite) with one watching client (this process)
+  worker  a real `trainctl worker`: its run process (Trainer -> BatchingSink -> pipe) ->
+          the agent (Outbox -> gRPC) -> a real `trainctl server` (SQLite) with one
+          watching client (this process)
 steps/s = steps in the timed window / wall time between the first and last step of the
 window (warm-up steps dropped); for the worker the per-step wall_time comes from the
 streamed rows themselves. Arms are interleaved (bare, worker, engine, engine, worker,

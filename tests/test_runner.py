@@ -124,14 +124,20 @@ def _wait_step(c, exp_id: int, step: int) -> None:
     raise AssertionError(f"experiment {exp_id} ended before step {step}")
 
 
+def _training(cluster, c, spec: dict):
+    """A new worker training `spec` past step 3: (worker, experiment id, run process pid)."""
+    w = cluster.add_worker("w0")
+    x = c.submit(spec)
+    _wait_step(c, x.id, 3)
+    return w, x.id, _run_process(w.popen.pid)
+
+
 @pytest.mark.slow
 def test_a_run_process_killed_fails_its_run_and_the_worker_goes_on(cluster):
-    w = cluster.add_worker("w0")
     with cluster.client() as c:
-        x = c.submit(digits_spec("doomed", epochs=50))
-        _wait_step(c, x.id, 3)
-        os.kill(_run_process(w.popen.pid), signal.SIGKILL)
-        final = c.wait(x.id, timeout=60)
+        _, exp_id, run_pid = _training(cluster, c, digits_spec("doomed", epochs=50))
+        os.kill(run_pid, signal.SIGKILL)
+        final = c.wait(exp_id, timeout=60)
         assert final.state == "FAILED", cluster.logs()
         assert final.message == ("the training process died: killed by SIGKILL (the kernel's out-of-memory "
                                  "killer sends this)"), final.message
@@ -141,11 +147,8 @@ def test_a_run_process_killed_fails_its_run_and_the_worker_goes_on(cluster):
 
 @pytest.mark.slow
 def test_a_killed_agent_does_not_leave_its_run_training(cluster):
-    w = cluster.add_worker("w0")
     with cluster.client() as c:
-        x = c.submit(digits_spec("orphan", epochs=50))
-        _wait_step(c, x.id, 3)
-        run_pid = _run_process(w.popen.pid)
+        w, _, run_pid = _training(cluster, c, digits_spec("orphan", epochs=50))
         w.stop(signal.SIGKILL)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and _alive(run_pid):
@@ -169,11 +172,8 @@ def _cpu_ticks(pid: int) -> int:
 
 @pytest.mark.slow
 def test_a_run_process_pauses_while_its_agent_is_frozen(cluster):
-    w = cluster.add_worker("w0")
     with cluster.client() as c:
-        x = c.submit(digits_spec("paused", epochs=2, max_steps=20))
-        _wait_step(c, x.id, 3)
-        run_pid = _run_process(w.popen.pid)
+        w, exp_id, run_pid = _training(cluster, c, digits_spec("paused", epochs=2, max_steps=20))
         w.popen.send_signal(signal.SIGSTOP)  # the agent only: its run process keeps running
         try:
             time.sleep(runner.AGENT_SILENCE_S + 1.5)
@@ -182,6 +182,6 @@ def test_a_run_process_pauses_while_its_agent_is_frozen(cluster):
             assert _cpu_ticks(run_pid) - before <= 5, "the run process trained on while its agent was frozen"
         finally:
             w.popen.send_signal(signal.SIGCONT)
-        assert c.wait(x.id, timeout=120).state == "COMPLETED", cluster.logs()
-        steps = [ev.step for ev in c.watch(x.id) if ev.kind == "step"]
+        assert c.wait(exp_id, timeout=120).state == "COMPLETED", cluster.logs()
+        steps = [ev.step for ev in c.watch(exp_id) if ev.kind == "step"]
         assert steps == list(range(40))

@@ -47,7 +47,7 @@ def test_forget_drops_one_run_only(tmp_path):
 def test_stream_batches_rows_keeps_order_and_resends_after_reconnect(tmp_path):
     out = Outbox(spill_path=tmp_path / "spill.bin")
     for step in range(5):
-        out.row(7, 1, "STEP", step, 0, {"loss": 1.0 / (step + 1), "lr": 0.1})
+        out.add_rows(7, 1, [("STEP", step, 0, 1000.0 + step, {"loss": 1.0 / (step + 1), "lr": 0.1})])
     out.send(pb.WorkerMessage(state=pb.StateUpdate(experiment_id=7, attempt=1, state=pb.COMPLETED)), sticky=True)
     stop = threading.Event()
     hello = pb.WorkerMessage(hello=pb.Hello(worker_id="w"))

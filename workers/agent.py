@@ -27,7 +27,7 @@ from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.wire import dict_from_struct, verb_of
 from trainctl.workers.runner import ForwardingInbox, failure_reason, run_in_process, warm_up
-from trainctl.workers.shipper import Outbox, RunSink
+from trainctl.workers.shipper import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -184,16 +184,19 @@ class Agent:
         def progress(step: int) -> None:
             run.step = step
 
-        ctx = TrainingContext(sink=RunSink(self.outbox, a.experiment_id, a.attempt), inbox=inbox,
+        ctx = TrainingContext(inbox=inbox,
                               checkpoint_dir=str(self.workdir / f"exp-{a.experiment_id}"), on_progress=progress)
+        def on_rows(rows: list[tuple]) -> None:  # batches from the run process (or DDP rank 0)
+            self.outbox.add_rows(a.experiment_id, a.attempt, rows)
+
         try:
             spec = parse_spec(dict_from_struct(a.spec), check_model=False)
             if spec.resources.nproc > 1 or spec.resources.nnodes > 1:
                 from trainctl.workers.ddp import run_ddp  # ranks via torch's elastic launcher
 
-                summary = run_ddp(spec, ctx)  # rank 0 bridged to this ctx (sink, inbox, progress)
+                summary = run_ddp(spec, ctx, on_rows=on_rows)  # rank 0 bridged to this ctx and on_rows
             else:
-                summary = run_in_process(spec, ctx, lambda rows: self.outbox.add_rows(a.experiment_id, a.attempt, rows))
+                summary = run_in_process(spec, ctx, on_rows)
             self._state(run, pb.COMPLETED, summary=summary.as_dict())
             log.info("experiment %d completed: val_top1 %.4f", a.experiment_id, summary.val_top1)
         except Cancelled as exc:

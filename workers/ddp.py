@@ -43,7 +43,7 @@ import queue
 import sys
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from trainctl.workers.runner import BatchingSink, forkserver, tune_malloc
 
@@ -75,10 +75,12 @@ def launch_config(nproc: int, nnodes: int = 1, *, master: Optional[str] = None, 
 # ---------------------------------------------------------------------- in the agent
 
 
-def run_ddp(spec, ctx, *, master: Optional[str] = None, trace_dir: Optional[str] = None):
+def run_ddp(spec, ctx, *, on_rows: Optional[Callable[[list[tuple]], None]] = None, master: Optional[str] = None,
+            trace_dir: Optional[str] = None):
     """Train `spec` on resources.nproc ranks (x nnodes); `ctx` is the agent's
-    TrainingContext, served by rank 0 through the bridge. Returns rank 0's Summary;
-    raises Cancelled / TrainingError like `Trainer.run`."""
+    TrainingContext, served by rank 0 through the bridge. Rank 0's row batches go to
+    `on_rows` as they arrive (as from `run_in_process`), or row by row to `ctx.sink`.
+    Returns rank 0's Summary; raises Cancelled / TrainingError like `Trainer.run`."""
     from torch.distributed.launcher.api import elastic_launch
 
     from trainctl.workers.engine.loop import Cancelled, Summary, TrainingError
@@ -90,7 +92,7 @@ def run_ddp(spec, ctx, *, master: Optional[str] = None, trace_dir: Optional[str]
     mp = forkserver()
     up, down = mp.Queue(), mp.Queue()
     waiting = ctx.inbox.due(sys.maxsize)  # scheduled ones keep their at_step
-    bridge = threading.Thread(target=_pump, args=(ctx, up, down), name="ddp-bridge", daemon=True)
+    bridge = threading.Thread(target=_pump, args=(ctx, up, down, on_rows), name="ddp-bridge", daemon=True)
     bridge.start()
     outcome: dict[str, Any] = {}
 
@@ -122,7 +124,7 @@ def run_ddp(spec, ctx, *, master: Optional[str] = None, trace_dir: Optional[str]
     raise TrainingError(payload)
 
 
-def _pump(ctx, up, down) -> None:
+def _pump(ctx, up, down, on_rows) -> None:
     """Agent side of the bridge: rank 0's rows/acks/progress in, live commands and
     cancel out."""
     cancel_sent = False
@@ -135,7 +137,9 @@ def _pump(ctx, up, down) -> None:
             return
         try:
             if msg is not None:
-                if msg[0] == "rows":
+                if msg[0] == "rows" and on_rows is not None:
+                    on_rows(msg[1])
+                elif msg[0] == "rows":
                     for scope, step, epoch, _wall_time, values in msg[1]:
                         ctx.sink.log(scope, step, epoch, values)
                 elif msg[0] == "ack":

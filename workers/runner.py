@@ -291,11 +291,9 @@ def _run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Op
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    inbox = PipeInbox(conn, scheduled=[c for c in commands if c.at_step is not None],
-                      on_ack=lambda ack: _send(conn, ("ack", ack)))
-    for cmd in commands:
-        if cmd.at_step is None:
-            inbox.put(cmd)
+    inbox = PipeInbox(conn, on_ack=lambda ack: _send(conn, ("ack", ack)))
+    for cmd in commands:  # scheduled ones keep their at_step, live ones apply at once
+        inbox.put(cmd)
     sink = BatchingSink(lambda msg: _send(conn, msg))
     ctx = TrainingContext(sink=sink, inbox=inbox, checkpoint_dir=checkpoint_dir,
                           on_progress=lambda step: _send(conn, ("progress", step)))

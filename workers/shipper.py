@@ -1,11 +1,10 @@
 """Everything a worker sends upstream goes through one `Outbox`, in order.
 
-The training loop hands rows to `RunSink.log` (never blocks, and does not wake the
-sender: an append to an in-memory deque). The gRPC request iterator drains the outbox
-every `LINGER_S` while rows flow, so a fast run sends tens of messages a second instead
-of one per step (each message costs both processes about a millisecond of CPU, which a
-short step cannot spare). Acks and state updates wake the sender at once, and keep their
-place after the rows logged before them, so the last metrics precede the final state.
+Rows arrive already batched (the run process sends at most one batch per
+`runner.LINGER_S`, see runner.py), so the gRPC request iterator sends whatever is waiting
+as soon as anything arrives: a fast run costs tens of messages a second, not one per
+step. Acks and state updates keep their place after the rows logged before them, so the
+last metrics precede the final state.
 
 Batches stay in `unacked` (spilling to disk past a bound) until the server's BatchAck,
 so after a reconnect they are sent again; the store ignores copies it already has. State updates and
@@ -29,7 +28,6 @@ from trainctl.workers.spill import UnackedBatches
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_BATCH = 2000
-LINGER_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -47,13 +45,9 @@ class Outbox:
     MAX_STICKY = 1000
 
     def __init__(self, in_memory_batches: int = 10_000, spill_path: Optional[Path] = None):
-        # A deque, not a queue.Queue: a row from the training thread must not wake the
-        # sender (one wake-up and GIL hand-off per step cost a short step ~10%). The
-        # sender drains every LINGER_S while rows flow; only a row that finds it parked,
-        # or an urgent message (state, ack), sets `_wake`.
+        # Producers append and set `_wake`; the sender drains everything at once.
         self._items: "deque[object]" = deque()
         self._wake = threading.Event()
-        self._parked = True
         self._seq: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
         self.unacked = UnackedBatches(in_memory_batches, spill_path)
@@ -75,15 +69,8 @@ class Outbox:
         self._items.append(msg)
         self._wake.set()
 
-    def row(self, experiment_id: int, attempt: int, scope: str, step: int, epoch: int, values: dict) -> None:
-        self._items.append(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, time.time(), values))
-        if self._parked:
-            self._parked = False
-            self._wake.set()
-
     def add_rows(self, experiment_id: int, attempt: int, rows: list[tuple]) -> None:
-        """Rows already batched elsewhere (a run process): (scope, step, epoch, wall_time,
-        values) each. They wake the sender at once rather than waiting out a linger."""
+        """A batch of (scope, step, epoch, wall_time, values) rows from a run process."""
         for scope, step, epoch, wall_time, values in rows:
             self._items.append(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, wall_time, values))
         self._wake.set()
@@ -103,13 +90,7 @@ class Outbox:
     # ------------------------------------------------------------------ the consumer
     def stream(self, hello: pb.WorkerMessage, heartbeat, interval: float,
                stop: threading.Event) -> Iterator[pb.WorkerMessage]:
-        """The request iterator of one Connect call: hello, resends, then live traffic.
-
-        While rows flow the sender wakes every LINGER_S and sends what collected, so a
-        fast run sends tens of messages a second whatever its step rate; an urgent
-        message cuts the wait short. After a wait with nothing to send it parks until
-        the next row, or a heartbeat is due.
-        """
+        """The request iterator of one Connect call: hello, resends, then live traffic."""
         yield hello
         with self._lock:
             resend = list(self.unacked)
@@ -118,10 +99,8 @@ class Outbox:
             yield pb.WorkerMessage(metrics=batch)
         yield from sticky
         last_sent = time.monotonic()
-        timeout = 0.0
         while not stop.is_set():
-            self._wake.wait(timeout)
-            self._parked = False
+            self._wake.wait(max(0.0, interval - (time.monotonic() - last_sent)))
             # Clear before draining: anything appended after this either is drained now
             # or sets the event again, so no wake-up is lost.
             self._wake.clear()
@@ -129,14 +108,9 @@ class Outbox:
             if items:
                 yield from self._messages(items)
                 last_sent = time.monotonic()
-                timeout = LINGER_S
-                continue
-            if time.monotonic() - last_sent >= interval:
+            elif time.monotonic() - last_sent >= interval:
                 last_sent = time.monotonic()
                 yield pb.WorkerMessage(heartbeat=heartbeat())
-            self._parked = True
-            # A row that landed before `_parked` was set did not wake us: look again.
-            timeout = 0.0 if self._items else max(0.0, interval - (time.monotonic() - last_sent))
 
     def _drain(self) -> list[object]:
         items = []
@@ -188,16 +162,3 @@ def _sticky_key(msg: pb.WorkerMessage) -> tuple:
     kind = msg.WhichOneof("msg")
     body = getattr(msg, kind)
     return kind, body.experiment_id, body.attempt, getattr(body, "command_id", "")
-
-
-class RunSink:
-    """The `MetricsSink` the training loop gets for one attempt."""
-
-    def __init__(self, outbox: Outbox, experiment_id: int, attempt: int):
-        self.outbox, self.experiment_id, self.attempt = outbox, experiment_id, attempt
-
-    def log(self, scope: str, step: int, epoch: int, values: dict[str, float]) -> None:
-        self.outbox.row(self.experiment_id, self.attempt, scope, step, epoch, values)
-
-    def flush(self) -> None:
-        pass  # the request iterator sends as soon as rows are there
