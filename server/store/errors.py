@@ -53,3 +53,28 @@ class SchemaTooNew(StoreError):
             f"database schema revision {revision} is newer than this trainctl knows "
             f"(head {head}); upgrade trainctl"
         )
+
+
+class AlreadyExists(StoreError):
+    """A client-chosen key (a command id within its experiment) is taken by other content."""
+
+    def __init__(self, kind: str, key: object, detail: str = ""):
+        self.kind = kind
+        self.key = key
+        super().__init__(f"{kind} {key} already exists" + (f" {detail}" if detail else ""))
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached or written (locked, disk full, connection lost).
+
+    Nothing was changed; the same call may succeed later. The gRPC layer answers
+    UNAVAILABLE with this message, never the driver's text, and the dispatcher retries.
+    """
+
+    def __init__(self, operation: str, cause: BaseException):
+        self.operation = operation
+        self.cause = cause
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if first.startswith("(") and ") " in first:  # "(sqlite3.OperationalError) database is locked"
+            first = first.split(") ", 1)[1]
+        super().__init__(f"the database is unavailable ({operation}: {first[:200]}); try again")

@@ -42,6 +42,13 @@ class ControlStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PENDING: _ClassVar[ControlStatus]
     APPLIED: _ClassVar[ControlStatus]
     REJECTED: _ClassVar[ControlStatus]
+    EXPIRED: _ClassVar[ControlStatus]
+
+class StopReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOP_REASON_UNSPECIFIED: _ClassVar[StopReason]
+    STOP_CANCELLED: _ClassVar[StopReason]
+    STOP_FENCED: _ClassVar[StopReason]
 
 class ControlSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -49,6 +56,7 @@ class ControlSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LIVE: _ClassVar[ControlSource]
     SCHEDULED: _ClassVar[ControlSource]
     REPLAYED: _ClassVar[ControlSource]
+    CONSOLE: _ClassVar[ControlSource]
 EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
 QUEUED: ExperimentState
 ASSIGNED: ExperimentState
@@ -69,13 +77,18 @@ CONTROL_STATUS_UNSPECIFIED: ControlStatus
 PENDING: ControlStatus
 APPLIED: ControlStatus
 REJECTED: ControlStatus
+EXPIRED: ControlStatus
+STOP_REASON_UNSPECIFIED: StopReason
+STOP_CANCELLED: StopReason
+STOP_FENCED: StopReason
 CONTROL_SOURCE_UNSPECIFIED: ControlSource
 LIVE: ControlSource
 SCHEDULED: ControlSource
 REPLAYED: ControlSource
+CONSOLE: ControlSource
 
 class Experiment(_message.Message):
-    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of")
+    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of", "spec_json", "tags", "note")
     class SummaryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +109,9 @@ class Experiment(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     LAST_STEP_FIELD_NUMBER: _ClassVar[int]
     REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     state: ExperimentState
@@ -109,7 +125,10 @@ class Experiment(_message.Message):
     summary: _containers.ScalarMap[str, float]
     last_step: int
     replay_of: int
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ...) -> None: ...
+    spec_json: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    note: str
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ..., spec_json: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
 
 class MetricBatch(_message.Message):
     __slots__ = ("experiment_id", "attempt", "seq", "scope", "names", "rows")
@@ -140,7 +159,7 @@ class MetricRow(_message.Message):
     def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., wall_time: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ControlRecord(_message.Message):
-    __slots__ = ("command_id", "experiment_id", "kind", "value", "status", "source", "requested_at", "applied_at", "applied_step", "old_value", "new_value", "message", "at_step")
+    __slots__ = ("command_id", "experiment_id", "kind", "value", "status", "source", "requested_at", "applied_at", "applied_step", "old_value", "new_value", "message", "at_step", "consequence", "hold")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -154,6 +173,8 @@ class ControlRecord(_message.Message):
     NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
+    CONSEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     experiment_id: int
     kind: ControlKind
@@ -167,7 +188,51 @@ class ControlRecord(_message.Message):
     new_value: float
     message: str
     at_step: int
-    def __init__(self, command_id: _Optional[str] = ..., experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., status: _Optional[_Union[ControlStatus, str]] = ..., source: _Optional[_Union[ControlSource, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., at_step: _Optional[int] = ...) -> None: ...
+    consequence: str
+    hold: bool
+    def __init__(self, command_id: _Optional[str] = ..., experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., status: _Optional[_Union[ControlStatus, str]] = ..., source: _Optional[_Union[ControlSource, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., at_step: _Optional[int] = ..., consequence: _Optional[str] = ..., hold: _Optional[bool] = ...) -> None: ...
+
+class AnnotateRequest(_message.Message):
+    __slots__ = ("id", "add_tags", "remove_tags", "note")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    ADD_TAGS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_TAGS_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    add_tags: _containers.RepeatedScalarFieldContainer[str]
+    remove_tags: _containers.RepeatedScalarFieldContainer[str]
+    note: str
+    def __init__(self, id: _Optional[int] = ..., add_tags: _Optional[_Iterable[str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
+
+class ListWorkersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerInfo(_message.Message):
+    __slots__ = ("worker_id", "hostname", "connected", "last_seen", "devices", "usage", "experiment_id", "attempt")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    CONNECTED_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    hostname: str
+    connected: bool
+    last_seen: _timestamp_pb2.Timestamp
+    devices: _containers.RepeatedCompositeFieldContainer[Device]
+    usage: _containers.RepeatedCompositeFieldContainer[DeviceUsage]
+    experiment_id: int
+    attempt: int
+    def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., connected: _Optional[bool] = ..., last_seen: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., usage: _Optional[_Iterable[_Union[DeviceUsage, _Mapping]]] = ..., experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
+
+class ListWorkersResponse(_message.Message):
+    __slots__ = ("workers",)
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerInfo]
+    def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("spec",)
@@ -182,18 +247,24 @@ class GetRequest(_message.Message):
     def __init__(self, id: _Optional[int] = ...) -> None: ...
 
 class ListRequest(_message.Message):
-    __slots__ = ("states", "limit")
+    __slots__ = ("states", "limit", "page_token", "tags")
     STATES_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
     states: _containers.RepeatedScalarFieldContainer[ExperimentState]
     limit: int
-    def __init__(self, states: _Optional[_Iterable[_Union[ExperimentState, str]]] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, states: _Optional[_Iterable[_Union[ExperimentState, str]]] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListResponse(_message.Message):
-    __slots__ = ("experiments",)
+    __slots__ = ("experiments", "next_page_token")
     EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     experiments: _containers.RepeatedCompositeFieldContainer[Experiment]
-    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, experiments: _Optional[_Iterable[_Union[Experiment, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("id", "reason")
@@ -262,18 +333,24 @@ class GetMetricsResponse(_message.Message):
     def __init__(self, series: _Optional[_Iterable[_Union[MetricSeries, _Mapping]]] = ..., total_points: _Optional[int] = ...) -> None: ...
 
 class ControlRequest(_message.Message):
-    __slots__ = ("experiment_id", "kind", "value", "command_id", "wait_seconds")
+    __slots__ = ("experiment_id", "kind", "value", "command_id", "wait_seconds", "dry_run", "hold", "source")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     kind: ControlKind
     value: float
     command_id: str
     wait_seconds: float
-    def __init__(self, experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., command_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ...) -> None: ...
+    dry_run: bool
+    hold: bool
+    source: ControlSource
+    def __init__(self, experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., command_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ..., hold: _Optional[bool] = ..., source: _Optional[_Union[ControlSource, str]] = ...) -> None: ...
 
 class ListControlsRequest(_message.Message):
     __slots__ = ("experiment_id",)
@@ -320,14 +397,30 @@ class Hello(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., version: _Optional[str] = ..., current: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "step")
+    __slots__ = ("experiment_id", "attempt", "step", "usage")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     step: int
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+    usage: _containers.RepeatedCompositeFieldContainer[DeviceUsage]
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., step: _Optional[int] = ..., usage: _Optional[_Iterable[_Union[DeviceUsage, _Mapping]]] = ...) -> None: ...
+
+class DeviceUsage(_message.Message):
+    __slots__ = ("kind", "index", "utilization", "memory_used_bytes", "memory_total_bytes")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UTILIZATION_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    index: int
+    utilization: float
+    memory_used_bytes: int
+    memory_total_bytes: int
+    def __init__(self, kind: _Optional[str] = ..., index: _Optional[int] = ..., utilization: _Optional[float] = ..., memory_used_bytes: _Optional[int] = ..., memory_total_bytes: _Optional[int] = ...) -> None: ...
 
 class StateUpdate(_message.Message):
     __slots__ = ("experiment_id", "attempt", "state", "message", "summary")
@@ -351,7 +444,7 @@ class StateUpdate(_message.Message):
     def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class ControlAck(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "command_id", "ok", "applied_step", "old_value", "new_value", "message")
+    __slots__ = ("experiment_id", "attempt", "command_id", "ok", "applied_step", "old_value", "new_value", "message", "consequence")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
@@ -360,6 +453,7 @@ class ControlAck(_message.Message):
     OLD_VALUE_FIELD_NUMBER: _ClassVar[int]
     NEW_VALUE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    CONSEQUENCE_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     command_id: str
@@ -368,7 +462,8 @@ class ControlAck(_message.Message):
     old_value: float
     new_value: float
     message: str
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
+    consequence: str
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., consequence: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
     __slots__ = ("hello", "heartbeat", "metrics", "state", "ack")
@@ -393,42 +488,52 @@ class Welcome(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "name", "spec", "controls")
+    __slots__ = ("experiment_id", "attempt", "name", "spec", "controls", "store_id", "delivered_steps", "delivered_epochs")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    STORE_ID_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_STEPS_FIELD_NUMBER: _ClassVar[int]
+    DELIVERED_EPOCHS_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     name: str
     spec: _struct_pb2.Struct
     controls: _containers.RepeatedCompositeFieldContainer[ControlRecord]
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ...) -> None: ...
+    store_id: str
+    delivered_steps: int
+    delivered_epochs: int
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ..., store_id: _Optional[str] = ..., delivered_steps: _Optional[int] = ..., delivered_epochs: _Optional[int] = ...) -> None: ...
 
 class ControlCommand(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "command_id", "kind", "value")
+    __slots__ = ("experiment_id", "attempt", "command_id", "kind", "value", "hold")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     command_id: str
     kind: ControlKind
     value: float
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ...) -> None: ...
+    hold: bool
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., hold: _Optional[bool] = ...) -> None: ...
 
 class CancelRun(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "reason")
+    __slots__ = ("experiment_id", "attempt", "reason", "kind")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     reason: str
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+    kind: StopReason
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., kind: _Optional[_Union[StopReason, str]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
     __slots__ = ("experiment_id", "attempt", "seq")

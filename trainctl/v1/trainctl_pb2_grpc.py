@@ -81,6 +81,16 @@ class ExperimentsStub:
                 request_serializer=trainctl_dot_v1_dot_trainctl__pb2.ReplayRequest.SerializeToString,
                 response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.Experiment.FromString,
                 _registered_method=True)
+        self.Annotate = channel.unary_unary(
+                '/trainctl.v1.Experiments/Annotate',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.AnnotateRequest.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.Experiment.FromString,
+                _registered_method=True)
+        self.ListWorkers = channel.unary_unary(
+                '/trainctl.v1.Experiments/ListWorkers',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersRequest.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentsServicer:
@@ -147,6 +157,20 @@ class ExperimentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Annotate(self, request, context):
+        """Add/remove tags and set the note of an experiment.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkers(self, request, context):
+        """Every worker the server knows, with its devices and latest usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -194,6 +218,16 @@ def add_ExperimentsServicer_to_server(servicer, server):
                     servicer.Replay,
                     request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ReplayRequest.FromString,
                     response_serializer=trainctl_dot_v1_dot_trainctl__pb2.Experiment.SerializeToString,
+            ),
+            'Annotate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Annotate,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.AnnotateRequest.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.Experiment.SerializeToString,
+            ),
+            'ListWorkers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkers,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersRequest.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -441,6 +475,60 @@ class Experiments:
             '/trainctl.v1.Experiments/Replay',
             trainctl_dot_v1_dot_trainctl__pb2.ReplayRequest.SerializeToString,
             trainctl_dot_v1_dot_trainctl__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Annotate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainctl.v1.Experiments/Annotate',
+            trainctl_dot_v1_dot_trainctl__pb2.AnnotateRequest.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.Experiment.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainctl.v1.Experiments/ListWorkers',
+            trainctl_dot_v1_dot_trainctl__pb2.ListWorkersRequest.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.ListWorkersResponse.FromString,
             options,
             channel_credentials,
             insecure,
