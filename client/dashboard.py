@@ -89,9 +89,15 @@ class RunState:
                 else f"{verb} {r.value:g} {r.status.lower()}"
 
     def to_json(self) -> dict:
-        keep = ("id", "name", "state", "epochs", "epoch", "step", "steps_per_epoch", "lr", "loss", "val_top1",
+        keep = ("id", "name", "state", "epochs", "step", "steps_per_epoch", "lr", "loss", "val_top1",
                 "last_control", "error")
-        return {**{k: getattr(self, k) for k in keep}, "losses": list(self.losses), "progress": self.progress()}
+        # "epoch" is the epoch number the text shows ("ep 2/6"), 1-based as everywhere in the CLI
+        return {**{k: getattr(self, k) for k in keep}, "epoch": self.epoch_shown(), "losses": list(self.losses),
+                "progress": self.progress()}
+
+    def epoch_shown(self) -> int:
+        """The epoch number in progress (1-based), or the epochs done before any step row."""
+        return min(self.epoch + 1 if self.step >= 0 else self.epochs_done, self.epochs)
 
     def progress(self) -> float:
         """Fraction of the run done, by epochs (and steps within one once their count is known)."""
@@ -107,12 +113,14 @@ class RunState:
 
 # ---------------------------------------------------------------------- rendering
 COLUMNS = ("ID", "NAME", "STATE", "PROGRESS", "LR", "LOSS", "VAL TOP-1", "LAST CONTROL")
+# (header, priority): a narrow terminal drops the lowest first, before cutting any value
+PRIORITY = {"ID": 9, "NAME": 7, "STATE": 9, "PROGRESS": 8, "LR": 5, "LOSS": 4, "VAL TOP-1": 6, "LAST CONTROL": 3}
 
 
 def row_cells(r: RunState) -> list:
     bar = Table.grid(padding=(0, 1))
     bar.add_row(ProgressBar(total=1.0, completed=r.progress(), width=16),
-                Text(f"ep {min(r.epoch + 1 if r.step >= 0 else r.epochs_done, r.epochs)}/{r.epochs}"
+                Text(f"ep {r.epoch_shown()}/{r.epochs}"
                      + (f"  step {r.step}" if r.step >= 0 else "")))
     loss = Text("-" if r.loss is None else f"{r.loss:.4f} ")
     if len(r.losses) > 1:
@@ -124,13 +132,11 @@ def row_cells(r: RunState) -> list:
             "-" if r.val_top1 is None else f"{r.val_top1:.4f}", r.last_control or "-"]
 
 
-def runs_table(runs: Iterable[RunState], title: Optional[str] = None) -> Table:
-    t = Table(title=title, header_style="bold", expand=False)
-    for col in COLUMNS:
-        t.add_column(col, no_wrap=col not in ("NAME", "LAST CONTROL"))
-    for r in runs:
-        t.add_row(*row_cells(r))
-    return t
+def runs_table(runs: Iterable[RunState], title: Optional[str] = None, width: Optional[int] = None) -> Table:
+    """Fits `width` columns (None: every column, values in full); rows never wrap."""
+    from trainctl.client.output import fit_table
+
+    return fit_table([(c, PRIORITY[c]) for c in COLUMNS], [row_cells(r) for r in runs], width, title=title)
 
 
 # ---------------------------------------------------------------------- data
@@ -177,7 +183,12 @@ def run_top(c: Client, ids: list[int], *, once: bool, console: Console) -> list[
     runs = snapshots(c, ids)
     title = f"trainctl top — {c.address}"
     if once or not runs:
-        console.print(runs_table(runs, title) if runs else "no queued or running experiments")
+        if not runs:
+            console.print("no queued or running experiments")
+        elif console.is_terminal:
+            console.print(runs_table(runs, title, console.width), crop=True)
+        else:  # a pipe: every value in full
+            Console(file=console.file, width=100_000, color_system=None).print(runs_table(runs, title), crop=False)
         return runs
     lock = threading.Lock()
     for r in runs:
@@ -185,7 +196,7 @@ def run_top(c: Client, ids: list[int], *, once: bool, console: Console) -> list[
 
     def frame():
         with lock:
-            return Group(runs_table(runs, title), Text("q or Ctrl-C to quit", style="dim"))
+            return Group(runs_table(runs, title, console.width), Text("q or Ctrl-C to quit", style="dim"))
 
     with Live(get_renderable=frame, console=console, screen=console.is_terminal, refresh_per_second=4):
         _wait_for_quit()

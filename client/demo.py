@@ -79,13 +79,16 @@ def run_demo(*, spec: str | None, port: int, workdir: str | None, set_lr: float)
         root.mkdir(parents=True, exist_ok=True)
         address = f"127.0.0.1:{port or free_port()}"
         t0 = time.monotonic()
-        server = start(["server", "--listen", address, "--db", f"sqlite:///{root / 'trainctl.db'}"], root / "server.log")
+        console_url = f"http://127.0.0.1:{free_port()}"  # the web console, same server process
+        server = start(["server", "--listen", address, "--db", f"sqlite:///{root / 'trainctl.db'}",
+                        "--http", console_url.removeprefix("http://")], root / "server.log")
         stack.callback(stop, server)
         worker = start(["worker", "--server", address, "--workdir", str(root / "runs"), "--worker-id", "demo-worker"],
                        root / "worker.log")
         stack.callback(stop, worker)
         wait_ready(address)
         console.print(f"server on {address} (logs in {root}), worker started")
+        console.print(f"web console: open [bold]{console_url}[/] to watch and steer in a browser")
         with Client(address) as c:
             x = c.submit(spec_path)
             console.print(f"submitted [bold]{spec_path.name}[/] as experiment {x.id}: "

@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.transforms import blended_transform_factory  # noqa: E402
+from matplotlib.transforms import Bbox, blended_transform_factory  # noqa: E402
 
 MAX_POINTS = 4000
 MAX_LABEL_ROWS = 6
@@ -60,6 +60,9 @@ def _place_labels(ax, markers: Sequence[Marker]) -> None:
     trans = blended_transform_factory(ax.transData, ax.transAxes)
     ax_box = ax.get_window_extent(renderer)
     row_h_pts = 13
+    # sideways: the white box's pad (0.15 x fontsize 8) and a 1.5 pt gap; rows are 13 pt apart,
+    # which leaves room above and below a 8 pt label and its box
+    pad_px = (0.15 * 8 + 1.5) * fig.dpi / 72
     placed: list[Any] = []
     used_rows = 0
     hidden = 0
@@ -74,7 +77,9 @@ def _place_labels(ax, markers: Sequence[Marker]) -> None:
             for row in range(MAX_LABEL_ROWS):
                 text.set_ha(ha)
                 text.set_position((dx, -4 - row * row_h_pts))
-                bb = text.get_window_extent(renderer)
+                # the label's white box, plus a gap, must touch no other label
+                t = text.get_window_extent(renderer)
+                bb = Bbox.from_extents(t.x0 - pad_px, t.y0 - 0.5, t.x1 + pad_px, t.y1 + 0.5)
                 inside = bb.x0 >= ax_box.x0 - 1 and bb.x1 <= ax_box.x1 + 1
                 if inside and not any(bb.overlaps(o) for o in placed):
                     ok = True
@@ -225,6 +230,9 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
             ax_loss.plot(*s, style, color=color, lw=1.4, ms=4, label=label)
             drawn.append(key)
     ax_loss.set_ylabel("loss")
+    loss_scale = _loss_axis(ax_loss, [v for key in ("STEP/loss", "EPOCH/train_loss", "EPOCH/val_loss",
+                                                    "EPOCH/ema_val_loss") if (sr := _series(metrics, key))
+                                      for v in sr[1]])
 
     if step_acc:
         ax_acc.plot(*step_acc, color="tab:blue", lw=0.7 if window > 1 else 1.1, alpha=raw_alpha,
@@ -268,8 +276,30 @@ def experiment_png(x, metrics: dict, controls: Sequence[Any], path: str | Path, 
     fig.canvas.draw()  # layout first, so label placement measures the final axes
     mark_events([ax_lr, ax_loss, ax_acc], markers, label_ax=ax_lr)
     _finish(fig, path)
-    return {"id": x.id, "png": str(path), "series": drawn, "points": n_pts,
+    return {"id": x.id, "png": str(path), "series": drawn, "points": n_pts, "loss_scale": loss_scale,
             "controls": [{"applied_step": m.x, "label": m.label} for m in markers]}
+
+
+def _loss_axis(ax, values: list[float]) -> str:
+    """A loss panel one outlier cannot flatten (a first-epoch val_loss of 11 over batch
+    losses near 1): a log axis when the losses span more than a decade and are all
+    positive, else a linear one cut at a robust top (above the 98th percentile) with the
+    points above it counted in a note. Returns "log" | "linear"."""
+    vals = sorted(v for v in values if math.isfinite(v))
+    if len(vals) < 2:
+        return "linear"
+    lo, hi = vals[0], vals[-1]
+    if lo > 0 and hi / lo > 10:
+        ax.set_yscale("log")
+        return "log"
+    q = vals[min(len(vals) - 1, int(0.98 * len(vals)))]
+    top = q + 0.25 * (q - lo) if q > lo else hi
+    if hi > top and (hi - lo) > 3 * (top - lo):
+        ax.set_ylim(min(lo, 0.0) if lo >= 0 else lo * 1.05, top)
+        above = sum(v > top for v in vals)
+        ax.text(0.99, 0.98, f"{above} point(s) above the axis (max {hi:.4g})", transform=ax.transAxes,
+                ha="right", va="top", fontsize=7, color="dimgray")
+    return "linear"
 
 
 def _fmt_lr(spec: dict) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from trainctl.spec import Spec, SpecError, check_control_value, load_spec_file, parse_spec
-from trainctl.workers.engine.schedulers import CONTROL_KINDS, apply_control, build_schedule
+from trainctl.workers.engine.schedulers import CONTROL_KINDS, apply_control, build_schedule, consequence
 from trainctl.workers.engine.schedulers.factory import _ConstantMetrics
 
 SPARK = "▁▂▃▄▅▆▇█"
@@ -36,6 +36,7 @@ class ControlOutcome:
     old_value: Optional[float] = None
     new_value: Optional[float] = None
     message: str = ""
+    consequence: str = ""          # what it means ahead: the words the worker's ack carries
 
     @property
     def label(self) -> str:
@@ -84,7 +85,17 @@ def load_spec(spec: Union[str, Path, dict]) -> Spec:
 
 def dataset_steps_per_epoch(spec: Spec) -> int:
     """Optimizer steps per epoch as the worker counts them (`TrainParams.steps_per_epoch`
-    over the real train loader)."""
+    over the real train loader). Known from the dataset's size where it is fixed
+    (digits, synthetic: `datasize`), so nothing is loaded and torch is not imported;
+    counted from the real loader otherwise (imagefolder)."""
+    from trainctl.workers.engine.datasize import steps_per_epoch as known
+
+    try:
+        spe = known(spec)
+    except ValueError as exc:
+        raise SpecError([str(exc)]) from None
+    if spe is not None:
+        return spe
     from trainctl.workers.engine.data import DataError, build_data
 
     tp = spec.train
@@ -114,6 +125,19 @@ def schedule_summary(spec: Spec) -> str:
     if "after" in fields:  # keep the nested schedule's name even when it equals a default
         fields["after"] = {"name": p.after.name, **p.after.model_dump(exclude_defaults=True, exclude={"name"})}
     return f"{p.name}(" + ", ".join(f"{k}={fmt(v)}" for k, v in fields.items()) + ")"
+
+
+def known_total_steps(spec: dict) -> Optional[int]:
+    """Optimizer steps of a whole run when the spec alone tells (for the watch bar's
+    total), else None. Never loads data."""
+    try:
+        from trainctl.workers.engine.datasize import steps_per_epoch as known
+
+        parsed = load_spec(spec)
+        spe = known(parsed)
+        return spe * parsed.train.epochs if spe else None
+    except Exception:  # a bar without a total is fine; a crash here is not
+        return None
 
 
 # ---------------------------------------------------------------------- the run
@@ -168,6 +192,7 @@ def _apply(schedule, step: int, o: ControlOutcome) -> None:
         check_control_value(o.verb, o.value)
         o.old_value, o.new_value = apply_control(schedule, step, o.verb, o.value)
         o.status = "APPLIED"
+        o.consequence = consequence(schedule, step, o.verb)
     except ValueError as exc:      # NoDecayFactor included: the worker refuses it the same way
         o.status, o.message = "REJECTED", str(exc)
 
@@ -228,5 +253,5 @@ def render_text(p: Preview, console=None, *, max_rows: int = 30) -> None:
             applied = c.status == "APPLIED"
             ct.add_row(str(c.at_step), f"{c.at_step / p.steps_per_epoch:.2f}", c.label, c.status,
                        f"{c.old_value:.6g}" if applied else "-", f"{c.new_value:.6g}" if applied else "-",
-                       c.message)
+                       c.message or c.consequence)
         console.print(ct)

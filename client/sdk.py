@@ -3,11 +3,18 @@
 Returns plain dataclasses (`ExperimentInfo`, `ControlResult`, `Event`), so scripts
 never touch protobuf enums. gRPC errors surface as `TrainctlError` carrying the status
 code name and the server's message.
+
+Conventions: steps and epochs are 0-based indexes here, as on the wire (the CLI shows
+epoch *numbers*, index + 1); times are unix seconds (floats).
+
+This module imports no spec models (pydantic) at load: `trainctl get` must start fast.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,14 +22,18 @@ from typing import Iterator, Optional, Union
 
 import grpc
 
-from trainctl.spec import load_spec_file
-from trainctl.transport import auth_metadata, open_channel
+from trainctl.transport import auth_metadata, open_channel, tls_hint
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
-from trainctl.wire import dict_from_struct, struct_from_dict
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
+# Summary values are doubles on the wire; these keys are counts.
+INT_SUMMARY_KEYS = frozenset({"steps", "epochs", "best_epoch", "restarts"})
+# A Watch stream that breaks before the run ends is reopened from the last row seen;
+# codes that no retry can fix (bad id, auth) are raised at once.
+FATAL_WATCH_CODES = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED",
+                               "UNIMPLEMENTED", "FAILED_PRECONDITION"})
 
 
 class TrainctlError(Exception):
@@ -31,8 +42,45 @@ class TrainctlError(Exception):
         super().__init__(f"{code}: {message}")
 
 
-def _ts(ts) -> Optional[float]:
-    return ts.ToNanoseconds() / 1e9 if ts.seconds or ts.nanos else None
+class WaitTimeout(TrainctlError, TimeoutError):
+    """`Client.wait` ran out of time before the run reached a final state."""
+
+
+def _error(exc: grpc.RpcError) -> TrainctlError:
+    code, details = exc.code().name, exc.details() or ""
+    return TrainctlError(code, details + tls_hint(code, details))
+
+
+def _ts(msg, name: str) -> Optional[float]:
+    if not msg.HasField(name):
+        return None
+    ts = getattr(msg, name)
+    return ts.ToNanoseconds() / 1e9
+
+
+def _plain(v):
+    """Struct/ListValue -> dicts and lists (numbers stay floats: the Struct has no ints)."""
+    if hasattr(v, "keys"):
+        return {k: _plain(v[k]) for k in v.keys()}
+    if hasattr(v, "append") and not isinstance(v, (list, str)):
+        return [_plain(x) for x in v]
+    return v
+
+
+def spec_of(m: pb.Experiment) -> dict:
+    """The spec with its declared types: `spec_json` when the server sends it (integers
+    stay integers), else the Struct (every number a float)."""
+    if m.spec_json:
+        try:
+            return json.loads(m.spec_json)
+        except ValueError:
+            pass
+    return _plain(m.spec)
+
+
+def summary_of(m: pb.Experiment) -> dict:
+    return {k: int(v) if k in INT_SUMMARY_KEYS and math.isfinite(v) and v == int(v) else v
+            for k, v in m.summary.items()}
 
 
 @dataclass(frozen=True)
@@ -50,14 +98,21 @@ class ExperimentInfo:
     started_at: Optional[float]
     finished_at: Optional[float]
     replay_of: int
+    tags: tuple = ()
+    note: str = ""
+    kind: str = "SPEC"  # SPEC, ATTACHED (the user's own loop) or CODE
+    # Steerable values, from Get: ({"name", "value", "low", "high"}, ...); low/high None when unbounded.
+    knobs: tuple = ()
 
     @classmethod
     def from_pb(cls, m: pb.Experiment) -> "ExperimentInfo":
-        return cls(id=m.id, name=m.name, state=pb.ExperimentState.Name(m.state),
-                   spec=dict_from_struct(m.spec), attempt=m.attempt, worker_id=m.worker_id,
-                   message=m.message, summary=dict(m.summary), last_step=m.last_step,
-                   created_at=_ts(m.created_at), started_at=_ts(m.started_at), finished_at=_ts(m.finished_at),
-                   replay_of=m.replay_of)
+        return cls(id=m.id, name=m.name, state=pb.ExperimentState.Name(m.state), spec=spec_of(m),
+                   attempt=m.attempt, worker_id=m.worker_id, message=m.message, summary=summary_of(m),
+                   last_step=m.last_step, created_at=_ts(m, "created_at"), started_at=_ts(m, "started_at"),
+                   finished_at=_ts(m, "finished_at"), replay_of=m.replay_of, tags=tuple(m.tags), note=m.note,
+                   kind=pb.ExperimentKind.Name(m.kind) if m.kind else "SPEC",
+                   knobs=tuple({"name": k.name, "value": k.value, "low": k.low if k.HasField("low") else None,
+                                "high": k.high if k.HasField("high") else None} for k in m.knobs))
 
     @property
     def is_final(self) -> bool:
@@ -79,23 +134,29 @@ class ControlResult:
     requested_at: Optional[float]
     applied_at: Optional[float]
     at_step: Optional[int]
+    consequence: str = ""
+    hold: bool = False
+    knob: str = ""  # SET_KNOB: the knob's name
 
     @classmethod
     def from_pb(cls, m: pb.ControlRecord) -> "ControlResult":
         def opt(v: float) -> Optional[float]:
             return None if math.isnan(v) else v
 
+        # at_step is proto3 `optional` (unset for LIVE); older servers sent -1 instead.
+        at_step = m.at_step if m.HasField("at_step") and m.at_step >= 0 else None
         return cls(command_id=m.command_id, experiment_id=m.experiment_id, kind=pb.ControlKind.Name(m.kind),
                    value=m.value, status=pb.ControlStatus.Name(m.status), source=pb.ControlSource.Name(m.source),
-                   applied_step=m.applied_step if m.applied_step >= 0 else None, old_value=opt(m.old_value),
-                   new_value=opt(m.new_value), message=m.message, requested_at=_ts(m.requested_at),
-                   applied_at=_ts(m.applied_at), at_step=m.at_step if m.at_step >= 0 else None)
+                   applied_step=m.applied_step if m.applied_step >= 0 and m.status in _STEPPED else None,
+                   old_value=opt(m.old_value), new_value=opt(m.new_value), message=m.message,
+                   requested_at=_ts(m, "requested_at"), applied_at=_ts(m, "applied_at"), at_step=at_step,
+                   consequence=m.consequence, hold=m.hold, knob=m.knob)
 
 
 @dataclass(frozen=True)
 class Event:
     """One watch event. kind: "experiment" (state), "step" / "epoch" (one metric row),
-    or "control" (a resolved command)."""
+    or "control" (a resolved command). `epoch` is the 0-based index."""
 
     kind: str
     experiment: Optional[ExperimentInfo] = None
@@ -114,10 +175,12 @@ class Client:
         self.address = address or os.environ.get("TRAINCTL_SERVER", DEFAULT_ADDRESS)
         self.token = token if token is not None else os.environ.get("TRAINCTL_TOKEN")
         self.timeout = timeout
+        self._closed = False
         self._channel = open_channel(self.address)
         self._stub = pb_grpc.ExperimentsStub(self._channel)
 
     def close(self) -> None:
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> "Client":
@@ -133,69 +196,166 @@ class Client:
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout, metadata=self._metadata())
         except grpc.RpcError as exc:
-            raise TrainctlError(exc.code().name, exc.details() or "") from None
+            raise _error(exc) from None
 
     # ------------------------------------------------------------------ experiments
     def submit(self, spec: SpecLike) -> ExperimentInfo:
+        from trainctl.spec import load_spec_file
+        from trainctl.wire import struct_from_dict
+
         data = spec if isinstance(spec, dict) else load_spec_file(spec)
         return ExperimentInfo.from_pb(self._call("Submit", pb.SubmitRequest(spec=struct_from_dict(data)), timeout=120))
 
     def get(self, id: int) -> ExperimentInfo:
         return ExperimentInfo.from_pb(self._call("Get", pb.GetRequest(id=id)))
 
-    def list(self, states: Optional[list[str]] = None, limit: int = 100) -> list[ExperimentInfo]:
-        req = pb.ListRequest(states=[pb.ExperimentState.Value(s.upper()) for s in states or []], limit=limit)
-        return [ExperimentInfo.from_pb(m) for m in self._call("List", req).experiments]
+    def list(self, states: Optional[list[str]] = None, limit: Optional[int] = None, *,
+             tags: Optional[list[str]] = None, page_size: int = 100) -> list[ExperimentInfo]:
+        """Every matching experiment (paged through), at most `limit` of them."""
+        out: list[ExperimentInfo] = []
+        for x in self.iter_list(states, tags=tags, page_size=page_size):
+            if limit is not None and len(out) >= limit:
+                break
+            out.append(x)
+        return out
+
+    def iter_list(self, states: Optional[list[str]] = None, *, tags: Optional[list[str]] = None,
+                  page_size: int = 100) -> Iterator[ExperimentInfo]:
+        try:
+            wanted = [pb.ExperimentState.Value(s.upper()) for s in states or []]
+        except ValueError:
+            raise ValueError(f"state: must be one of {', '.join(_STATES)}, got {states}") from None
+        token = ""
+        seen: set[int] = set()
+        while True:
+            resp = self._call("List", pb.ListRequest(states=wanted, limit=page_size, page_token=token,
+                                                     tags=tags or []))
+            for m in resp.experiments:
+                if m.id not in seen:  # a server without paging repeats nothing: ids are unique
+                    seen.add(m.id)
+                    yield ExperimentInfo.from_pb(m)
+            token = resp.next_page_token
+            if not token:
+                return
 
     def cancel(self, id: int, reason: str = "") -> ExperimentInfo:
-        return ExperimentInfo.from_pb(self._call("Cancel", pb.CancelRequest(id=id, reason=reason)))
+        """Idempotent: cancelling a run that already ended answers its final state."""
+        try:
+            return ExperimentInfo.from_pb(self._call("Cancel", pb.CancelRequest(id=id, reason=reason)))
+        except TrainctlError as exc:
+            if exc.code != "FAILED_PRECONDITION":  # what servers before 0.2 said for a finished run
+                raise
+            x = self.get(id)
+            if not x.is_final:
+                raise
+            return x
 
     def replay(self, id: int) -> ExperimentInfo:
         return ExperimentInfo.from_pb(self._call("Replay", pb.ReplayRequest(id=id)))
 
-    def watch(self, id: int, from_step: int = 0, live_only: bool = False) -> Iterator[Event]:
-        """History (rows with step >= from_step), then live events, until the run ends."""
-        stream = self._stub.Watch(pb.WatchRequest(id=id, from_step=from_step, live_only=live_only),
-                                  metadata=self._metadata())
-        try:
-            for ev in stream:
-                yield from _events(ev)
-        except grpc.RpcError as exc:
-            if exc.code() != grpc.StatusCode.CANCELLED:
-                raise TrainctlError(exc.code().name, exc.details() or "") from None
-        finally:
-            stream.cancel()
+    def annotate(self, id: int, *, add_tags: tuple = (), remove_tags: tuple = (),
+                 note: Optional[str] = None) -> ExperimentInfo:
+        req = pb.AnnotateRequest(id=id, add_tags=list(add_tags), remove_tags=list(remove_tags))
+        if note is not None:
+            req.note = note
+        return ExperimentInfo.from_pb(self._call("Annotate", req))
+
+    def watch(self, id: int, from_step: int = 0, live_only: bool = False, *, retries: int = 12,
+              timeout: Optional[float] = None) -> Iterator[Event]:
+        """History (rows with step >= from_step), then live events, until the run ends.
+
+        If the stream ends or breaks before a final state (server restart, the server
+        cutting a slow watcher, a network blip), it is reopened from the last row seen:
+        no row is yielded twice and none is skipped. After `retries` failed reopenings
+        in a row (backing off 0.25 s doubling to 5 s: about 45 s for 12) TrainctlError
+        is raised; it never ends quietly before the final state. `timeout` (s) bounds
+        the whole watch (WaitTimeout, code DEADLINE_EXCEEDED)."""
+        from trainctl.client.resume import WatchCursor
+
+        cursor = WatchCursor(from_step=from_step, live_only=live_only)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        failures = 0
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise WaitTimeout("DEADLINE_EXCEEDED", f"experiment {id}: no final state within {timeout:g} s")
+            req = pb.WatchRequest(id=id, from_step=cursor.next_from_step, live_only=cursor.next_live_only)
+            stream = self._stub.Watch(req, metadata=self._metadata(), timeout=left)
+            problem: Optional[TrainctlError] = None
+            try:
+                for ev in stream:
+                    for out in cursor.accept(_events(ev)):
+                        failures = 0
+                        yield out
+                # The stream ended by itself: after the final state (the server's last
+                # event), or cut short without one (then it is reopened).
+                if cursor.final:
+                    return
+            except grpc.RpcError as exc:
+                if self._closed:  # the caller closed the client: end quietly
+                    return
+                problem = _error(exc)
+                if problem.code == "DEADLINE_EXCEEDED" and deadline is not None:
+                    raise WaitTimeout(problem.code, f"experiment {id}: no final state within {timeout:g} s") \
+                        from None
+                if problem.code in FATAL_WATCH_CODES:
+                    raise problem from None
+            finally:
+                stream.cancel()
+            if self._closed:
+                return
+            failures += 1
+            if failures > retries:
+                raise problem or TrainctlError(
+                    "UNAVAILABLE", f"watch of experiment {id} ended {failures} times before a final state")
+            time.sleep(min(0.25 * 2 ** (failures - 1), 5.0))
 
     def wait(self, id: int, timeout: Optional[float] = None) -> ExperimentInfo:
-        """Block until the experiment reaches a final state."""
-        import time
-
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for ev in self.watch(id, live_only=True):
+        """Block until the experiment reaches a final state and return it; WaitTimeout
+        (a TrainctlError and a TimeoutError) if `timeout` seconds pass first. Never
+        returns a state that is not final."""
+        for ev in self.watch(id, live_only=True, timeout=timeout):
             if ev.kind == "experiment" and ev.experiment.is_final:
                 return ev.experiment
-            if deadline and time.monotonic() > deadline:
-                break
-        return self.get(id)
+        x = self.get(id)  # the watch ended on a final state the cursor saw; read it back
+        if x.is_final:
+            return x
+        raise TrainctlError("UNAVAILABLE", f"experiment {id}: watch ended with the run {x.state}")
 
     def metrics(self, id: int, *, scope: Optional[str] = None, names: Optional[list[str]] = None,
                 from_step: int = 0, to_step: int = 0, max_points: int = 0) -> dict[str, dict[str, list]]:
         """{"STEP/loss": {"step": [...], "epoch": [...], "value": [...]}, ...}"""
-        req = pb.GetMetricsRequest(id=id, scope=pb.Scope.Value(scope.upper()) if scope else 0, names=names or [],
-                                   from_step=from_step, to_step=to_step, max_points=max_points)
+        try:
+            sc = pb.Scope.Value(scope.upper()) if scope else 0
+        except ValueError:
+            raise ValueError(f"scope: must be step or epoch, got {scope!r}") from None
+        req = pb.GetMetricsRequest(id=id, scope=sc, names=names or [], from_step=from_step, to_step=to_step,
+                                   max_points=max_points)
         resp = self._call("GetMetrics", req, timeout=120)
         return {f"{pb.Scope.Name(s.scope)}/{s.name}": {"step": list(s.steps), "epoch": list(s.epochs),
                                                        "value": list(s.values)} for s in resp.series}
+
+    def history(self, id: int, *, from_step: int = 0) -> Iterator[Event]:
+        """The stored rows (with their wall times) and resolved controls, without
+        waiting for a running experiment: ends once the history is read. GetMetrics
+        series carry no wall times; Watch rows do."""
+        from trainctl.client.resume import read_history
+
+        return read_history(self, id, from_step)
 
     def controls(self, id: int) -> list[ControlResult]:
         resp = self._call("ListControls", pb.ListControlsRequest(experiment_id=id))
         return [ControlResult.from_pb(r) for r in resp.records]
 
     # ------------------------------------------------------------------ steering
-    def control(self, id: int, kind: str, value: float, *, wait: float = 10.0,
-                command_id: Optional[str] = None) -> ControlResult:
-        req = pb.ControlRequest(experiment_id=id, kind=pb.ControlKind.Value(kind.upper()), value=value,
-                                wait_seconds=wait, command_id=command_id or uuid.uuid4().hex)
+    def control(self, id: int, kind: str, value: float, *, wait: float = 10.0, command_id: Optional[str] = None,
+                dry_run: bool = False, hold: bool = False, knob: str = "") -> ControlResult:
+        try:
+            k = pb.ControlKind.Value(kind.upper())
+        except ValueError:
+            raise ValueError(f"kind: unknown control kind {kind!r}") from None
+        req = pb.ControlRequest(experiment_id=id, kind=k, value=value, wait_seconds=wait,
+                                command_id=command_id or uuid.uuid4().hex, dry_run=dry_run, hold=hold, knob=knob)
         return ControlResult.from_pb(self._call("Control", req, timeout=wait + 30))
 
     def set_lr(self, id: int, lr: float, **kw) -> ControlResult:
@@ -204,11 +364,19 @@ class Client:
     def scale_lr(self, id: int, factor: float, **kw) -> ControlResult:
         return self.control(id, "SCALE_LR", factor, **kw)
 
+    def set(self, id: int, name: str, value: float, **kw) -> ControlResult:
+        """Set knob `name` of run `id` (one the run declared; the server checks its bounds)."""
+        return self.control(id, "SET_KNOB", value, knob=name, **kw)
+
     def set_decay(self, id: int, value: float, target: str = "lr", **kw) -> ControlResult:
         kinds = {"lr": "SET_LR_DECAY", "ema": "SET_EMA_DECAY", "weight": "SET_WEIGHT_DECAY"}
         if target not in kinds:
             raise ValueError(f"target: must be one of {', '.join(kinds)}, got {target!r}")
         return self.control(id, kinds[target], value, **kw)
+
+
+_STEPPED = (pb.APPLIED, pb.REJECTED)  # statuses whose applied_step means something
+_STATES = tuple(n for n in pb.ExperimentState.keys() if n != "EXPERIMENT_STATE_UNSPECIFIED")
 
 
 def _events(ev: pb.WatchEvent) -> Iterator[Event]:

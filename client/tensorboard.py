@@ -4,6 +4,9 @@ Written with the `tensorboard` package's own event-file writer (no TensorFlow, n
 torch). Scalars are classic `simple_value` summaries, i.e. float32: TensorBoard's
 default (Rust) loader shows nothing for float64 scalar tensors, and it keeps scalars
 as float32 anyway. Controls and the spec are text-plugin summaries.
+
+Each point carries its real wall time (when the worker produced the row): GetMetrics
+series have none, so they come from the Watch history rows (`Client.history`).
 """
 from __future__ import annotations
 
@@ -49,21 +52,27 @@ def control_text(r: ControlResult) -> str:
 
 
 def export(x: ExperimentInfo, series: dict[str, dict[str, list]], controls: list[ControlResult],
-           logdir: str | Path) -> dict:
-    """Write one run directory; returns what was written (for the CLI and --json)."""
+           logdir: str | Path, wall_times: Optional[dict[tuple[str, int], float]] = None) -> dict:
+    """Write one run directory; returns what was written (for the CLI and --json).
+    wall_times: {("step"|"epoch", step): unix seconds}; a point without one gets the
+    run's start. Nothing is written when there is nothing to export."""
+    applied = [r for r in controls if r.status != "PENDING"]
+    if not any(s["step"] for s in series.values()) and not applied:
+        return {"id": x.id, "logdir": str(run_dir(logdir, x)), "tags": [], "points": 0, "controls": 0,
+                "state": x.state}
+    wall_times = wall_times or {}
     out = run_dir(logdir, x)
     out.mkdir(parents=True, exist_ok=True)
     # Re-exporting replaces the previous export instead of doubling every point.
     for old in out.glob("events.out.tfevents.*"):
         old.unlink()
-    # GetMetrics carries no wall times; the run's start keeps TensorBoard's time axes sane.
     t0 = x.started_at or x.created_at or time.time()
     events = [(0, text_event("spec", "```json\n" + json.dumps(x.spec, indent=2) + "\n```", 0, t0))]
     for key, s in series.items():
-        tag = _tag(key)
-        events += [(step, scalar_event(tag, value, step, t0)) for step, value in zip(s["step"], s["value"])]
+        tag, scope = _tag(key), key.split("/", 1)[0].lower()
+        events += [(step, scalar_event(tag, value, step, wall_times.get((scope, step), t0)))
+                   for step, value in zip(s["step"], s["value"])]
     points = len(events) - 1
-    applied = [r for r in controls if r.status != "PENDING"]
     for r in applied:
         step = r.applied_step if r.applied_step is not None else (r.at_step or 0)
         events.append((step, text_event("controls", control_text(r), step, r.applied_at or t0)))
@@ -77,7 +86,7 @@ def export(x: ExperimentInfo, series: dict[str, dict[str, list]], controls: list
     finally:
         writer.close()
     return {"id": x.id, "logdir": str(out), "tags": sorted(_tag(k) for k in series), "points": points,
-            "controls": len(applied)}
+            "controls": len(applied), "state": x.state}
 
 
 def _tag(key: str) -> str:
@@ -88,5 +97,7 @@ def _tag(key: str) -> str:
 def export_experiment(client: Client, id: int, logdir: str | Path, *, names: Optional[list[str]] = None) -> dict:
     x = client.get(id)
     series = client.metrics(id, names=names)
-    return export(x, series, client.controls(id), logdir)
+    times = {(ev.kind, ev.step): ev.wall_time for ev in client.history(id) if ev.kind in ("step", "epoch")} \
+        if series else {}
+    return export(x, series, client.controls(id), logdir, times)
 

@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 
 from trainctl.server.auth import AuthInterceptor, TlsFiles, Tokens
 from trainctl.server.dispatcher import Dispatcher
+from trainctl.server.guard import GuardInterceptor
 from trainctl.server.experiments_service import ExperimentsService
 from trainctl.server.live import Live
 from trainctl.server.prometheus import MetricsEndpoint, listen_host
@@ -43,6 +44,9 @@ class ServerConfig:
     tokens: Tokens = Tokens()
     tls: TlsFiles | None = None
     metrics_port: int | None = None  # Prometheus text endpoint on the --listen host; None = off
+    watch_send_timeout: float = 60.0  # a Watch whose client takes no message for this long is cut off
+    http: str | None = None  # web console HOST:PORT (server/console); None = off
+    http_allow_remote: bool = False  # serve the console beyond loopback even with auth off
 
 
 class ControlServer:
@@ -55,18 +59,29 @@ class ControlServer:
         self.dispatcher = dispatcher
         self.health = health_servicer
         self.config = config
+        self.experiments = None  # the ExperimentsService (the console calls it in-process)
+        self.console = None
 
     async def start(self) -> None:
         if self.config.metrics_port is not None:  # first: a taken port fails before anything serves
             self.metrics = MetricsEndpoint.start(self.host, self.config.metrics_port, self.live, self.dispatcher)
         await self.dispatcher.start()
         await self.grpc.start()
+        if self.config.http is not None:
+            from trainctl.server.console import Console
+
+            self.console = await Console.start(self.config.http, service=self.experiments, live=self.live,
+                                               dispatcher=self.dispatcher, tokens=self.config.tokens,
+                                               allow_remote_without_auth=self.config.http_allow_remote)
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
 
     async def stop(self, grace: float | None = None) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.console is not None:
+            await self.console.stop()
+            self.console = None
         if self.metrics is not None:  # before the store closes under a scrape
             self.metrics.stop()
             self.metrics = None
@@ -85,9 +100,10 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
     config = config or ServerConfig()
     store = open_store(config.db_url)
     live = Live(store)
-    dispatcher = Dispatcher(store, live.db, lease_timeout=config.lease_timeout,
-                            on_experiment_change=live.experiment_changed)
-    interceptors = [AuthInterceptor(config.tokens)] if config.tokens.enabled else []
+    dispatcher = Dispatcher(live, lease_timeout=config.lease_timeout)
+    # The guard first (outermost): it maps undecodable requests, store outages and
+    # unexpected errors to clean statuses for every handler, the auth refusals included.
+    interceptors = [GuardInterceptor(), *([AuthInterceptor(config.tokens)] if config.tokens.enabled else [])]
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE),
         ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -95,7 +111,9 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
         ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
         ("grpc.keepalive_permit_without_calls", 1),
     ])
-    pb_grpc.add_ExperimentsServicer_to_server(ExperimentsService(live, dispatcher), server)
+    experiments = ExperimentsService(live, dispatcher)
+    experiments.watch_send_timeout = config.watch_send_timeout
+    pb_grpc.add_ExperimentsServicer_to_server(experiments, server)
     pb_grpc.add_WorkersServicer_to_server(
         WorkersService(live, dispatcher, heartbeat_interval=config.heartbeat_interval), server)
     health_servicer = health.aio.HealthServicer()
@@ -109,7 +127,9 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"could not bind {address}")
-    return ControlServer(server, live, dispatcher, health_servicer, config, host=listen_host(address)), port
+    control = ControlServer(server, live, dispatcher, health_servicer, config, host=listen_host(address))
+    control.experiments = experiments
+    return control, port
 
 
 async def _serve(address: str, config: ServerConfig) -> None:
@@ -122,6 +142,8 @@ async def _serve(address: str, config: ServerConfig) -> None:
     print(f"trainctl server listening on port {port}", flush=True)
     if server.metrics is not None:
         print(f"prometheus metrics on http://{server.host}:{server.metrics.port}/metrics", flush=True)
+    if server.console is not None:
+        print(f"console on {server.console.url}", flush=True)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,7 +1,10 @@
 """Bearer-token roles and TLS for the server.
 
 Two roles: a *client* token opens the Experiments service (submit, watch, control),
-a *worker* token opens the Workers service (connect only). Health and reflection stay
+a *worker* token opens the Workers service (connect only). One exception: an attached
+run's SDK holds a client token, so a client token may open Workers/Connect when its
+Hello carries a run token; the Workers service then checks that token and lets the
+session speak for that one run only (server/attach.py). Health and reflection stay
 open so orchestrators can probe the server. Tokens are compared in constant time and
 never logged. With no token configured at all, auth is off (loopback development).
 """
@@ -16,6 +19,7 @@ import grpc
 
 CLIENT, WORKER = "client", "worker"
 _ROLE_OF_SERVICE = {"/trainctl.v1.Experiments/": CLIENT, "/trainctl.v1.Workers/": WORKER}
+CONNECT = "/trainctl.v1.Workers/Connect"
 
 
 @dataclass(frozen=True)
@@ -74,10 +78,40 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         role = self.tokens.role_of(token)
         if role is None:
             return _refuse(await continuation(details), grpc.StatusCode.UNAUTHENTICATED, "invalid token")
+        if role == CLIENT and details.method == CONNECT:
+            return _run_token_only(await continuation(details))
         if role != needed:
             return _refuse(await continuation(details), grpc.StatusCode.PERMISSION_DENIED,
                            f"a {role} token cannot call {details.method}; it needs a {needed} token")
         return await continuation(details)
+
+
+def _run_token_only(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """Connect for a client token: its Hello must carry a run token (which the service
+    then checks against the run it names); anything else is PERMISSION_DENIED."""
+    if handler is None:
+        return None
+    inner = handler.stream_stream
+
+    async def connect(request_iterator, context):
+        try:
+            first = await request_iterator.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("msg") != "hello" or not first.hello.run_token:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                "a client token opens Workers/Connect only for an attached run: "
+                                "hello.run_token is required")
+
+        async def replayed():
+            yield first
+            async for msg in request_iterator:
+                yield msg
+
+        async for out in inner(replayed(), context):
+            yield out
+
+    return grpc.stream_stream_rpc_method_handler(connect, handler.request_deserializer, handler.response_serializer)
 
 
 def _refuse(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:

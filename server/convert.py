@@ -2,6 +2,7 @@
 never sees protobuf."""
 from __future__ import annotations
 
+import json
 import math
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -19,12 +20,18 @@ def _ts(seconds: float | None) -> Timestamp | None:
     return ts
 
 
-def experiment_to_pb(x: e.Experiment) -> pb.Experiment:
+def experiment_to_pb(x: e.Experiment, knobs: list[e.Knob] | None = None) -> pb.Experiment:
+    """`knobs`: the run's steerable values (Get fills them; lists leave them out)."""
     msg = pb.Experiment(
         id=x.id, name=x.name, state=pb.ExperimentState.Value(x.state), spec=struct_from_dict(x.spec),
         attempt=x.attempt, worker_id=x.worker_id or "", message=x.message or "",
         summary={k: float(v) for k, v in (x.summary or {}).items()}, last_step=x.last_step,
-        replay_of=x.replay_of or 0,
+        replay_of=x.replay_of or 0, tags=list(x.tags), note=x.note or "",
+        # The stored spec is the validated model's JSON dump: its ints are ints (a Struct
+        # makes every number a double).
+        spec_json=json.dumps(x.spec, separators=(",", ":")),
+        kind=pb.ExperimentKind.Value(x.kind or e.SPEC),
+        knobs=[knob_to_pb(k) for k in knobs or ()],
     )
     for field, value in (("created_at", x.created_at), ("started_at", x.started_at), ("finished_at", x.finished_at)):
         ts = _ts(value)
@@ -39,12 +46,36 @@ def control_to_pb(r: e.ControlRecord) -> pb.ControlRecord:
         value=r.value, status=pb.ControlStatus.Value(r.status), source=pb.ControlSource.Value(r.source),
         applied_step=r.applied_step if r.applied_step is not None else -1,
         old_value=_nan_if_none(r.old_value), new_value=_nan_if_none(r.new_value), message=r.message or "",
-        at_step=r.at_step if r.at_step is not None else -1,
+        consequence=r.consequence or "", hold=bool(r.hold), knob=r.knob or "",
     )
+    if r.at_step is not None:  # optional on the wire: unset for LIVE commands
+        msg.at_step = r.at_step
     msg.requested_at.CopyFrom(_ts(r.requested_at))
     if r.applied_at is not None:
         msg.applied_at.CopyFrom(_ts(r.applied_at))
     return msg
+
+
+def knob_to_pb(k: e.Knob) -> pb.Knob:
+    msg = pb.Knob(name=k.name, value=k.value)
+    if k.low is not None:
+        msg.low = k.low
+    if k.high is not None:
+        msg.high = k.high
+    return msg
+
+
+def knob_from_pb(k: pb.Knob) -> e.Knob:
+    return e.Knob(name=k.name, value=k.value, low=k.low if k.HasField("low") else None,
+                  high=k.high if k.HasField("high") else None)
+
+
+def stop_message(experiment_id: int, attempt: int, kind: int, reason: str) -> pb.ServerMessage:
+    """The one way the server tells a worker to stop a run: CancelRun with a typed kind
+    (pb.STOP_CANCELLED: a client cancelled; pb.STOP_FENCED: this attempt no longer holds
+    the lease, drop it and its unsent data) and a reason for people and logs."""
+    return pb.ServerMessage(cancel=pb.CancelRun(experiment_id=experiment_id, attempt=attempt, reason=reason,
+                                                kind=kind))
 
 
 def _nan_if_none(v: float | None) -> float:

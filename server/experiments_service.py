@@ -3,35 +3,40 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 
 import grpc
 
-from trainctl.server import convert
+from trainctl.server import attach, control_rpc, convert, knobs, listing
 from trainctl.server.dispatcher import Dispatcher
+from trainctl.server.extra_rpcs import AnnotateAndWorkers
 from trainctl.server.live import Live
 from trainctl.server.store import entities as e
+from trainctl.server.guard import bad_request, rate_limited
 from trainctl.server.store.errors import InvalidTransition, NotFound
-from trainctl.spec import SpecError, check_control_value, parse_spec
+from trainctl.server.watch_history import SEND_TIMEOUT_S, ClientStalled, Sender, history_pages
+from trainctl.spec import SpecError, parse_spec
+from trainctl.spec_checks import MAX_SPEC_BYTES
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
-from trainctl.wire import dict_from_struct, verb_of
-from trainctl.workers.engine.schedulers import NoDecayFactor, build_schedule
+from trainctl.wire import dict_from_struct, largest_field
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONTROL_WAIT = 10.0
+MAX_NAMES = 1000  # metric names one GetMetrics may ask for (each is a bound SQL parameter)
+
+DEFAULT_CONTROL_WAIT = control_rpc.DEFAULT_CONTROL_WAIT
 
 
-class ExperimentsService(pb_grpc.ExperimentsServicer):
+class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
+    watch_send_timeout = SEND_TIMEOUT_S  # seconds a Watch send may wait for a client that does not read
+
     def __init__(self, live: Live, dispatcher: Dispatcher):
         self.live = live
         self.store = live.store
         self.db = live.db
         self.dispatcher = dispatcher
-        self._refusals: dict[tuple[int, str], str] = {}
 
     async def _get(self, id: int, context) -> e.Experiment:
         try:
@@ -41,42 +46,82 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
 
     # ------------------------------------------------------------------ submit / read
     async def Submit(self, request: pb.SubmitRequest, context):
-        raw = dict_from_struct(request.spec)
+        size = request.spec.ByteSize()
+        if size > MAX_SPEC_BYTES:  # checked before converting: a 40 MB spec costs nothing more
+            path, part = largest_field(request.spec)
+            await bad_request(context, "Submit", f"invalid spec: {path}: {part:,} bytes, in a spec of {size:,} "
+                                                 f"bytes serialized; the limit is {MAX_SPEC_BYTES:,} (1 MiB)")
         try:
             # Validation is CPU work (pydantic, the model-name list): keep it off the loop.
-            spec = await self.db(parse_spec, raw)
+            spec = await self.db(parse_spec, dict_from_struct(request.spec))
         except SpecError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid spec: {exc}")
+            await bad_request(context, "Submit", f"invalid spec: {exc}")
         x = await self._create(spec.to_dict(), spec, replay_of=None)
         return convert.experiment_to_pb(x)
 
     async def _create(self, spec_dict: dict, spec, *, replay_of: int | None,
-                      replayed: list[tuple[str, float, int]] = ()) -> e.Experiment:
+                      replayed: list[tuple[str, float, int, bool]] = ()) -> e.Experiment:
         """Store the experiment with its control log: the spec's scheduled commands and,
-        for a replay, the original's applied live commands as (kind, value, step)."""
-        x = await self.db(self.store.create_experiment, spec.name, spec_dict, max_restarts=spec.max_restarts,
+        for a replay, the original's applied live commands as (kind, value, step, hold)."""
+        x = await self.db(self.store.create_experiment, spec_dict["name"], spec_dict, max_restarts=spec.max_restarts,
                           gpus=spec.resources.gpus * spec.resources.nproc if spec.resources.gpus else 0,
                           replay_of=replay_of)
         now = time.time()
         records = [_record(x.id, c.verb.upper(), c.value, e.SCHEDULED, now, at_step=c.at_step)
                    for c in spec.control]
-        records += [_record(x.id, kind, value, e.REPLAYED, now, at_step=step) for kind, value, step in replayed]
+        records += [_record(x.id, kind, value, e.REPLAYED, now, at_step=step, hold=hold)
+                    for kind, value, step, hold in replayed]
         for rec in records:
             await self.db(self.store.add_control, rec)
         self.dispatcher.kick()
-        log.info("experiment %d %r queued", x.id, x.name)
+        self.live.experiment_changed(x)  # the console's runs table shows it at once
+        log.info("experiment %d %r submitted and queued%s (%d scheduled, %d replayed commands)", x.id, x.name,
+                 f", replaying experiment {replay_of}" if replay_of else "", len(spec.control), len(replayed))
         return x
 
     async def Get(self, request: pb.GetRequest, context):
-        return convert.experiment_to_pb(await self._get(request.id, context))
+        x = await self._get(request.id, context)
+        return listing.bounded(convert.experiment_to_pb(x, await self.db(knobs.knobs_of, self.store, x)))
+
+    async def Attach(self, request: pb.AttachRequest, context):
+        return await attach.attach(self, request, context)  # server/attach.py
 
     async def List(self, request: pb.ListRequest, context):
-        states = [pb.ExperimentState.Name(s) for s in request.states] or None
-        limit = request.limit or 100
-        if limit < 0 or limit > 10_000:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"limit: must be in 0..10000, got {limit}")
-        xs = await self.db(self.store.list_experiments, states, limit)
-        return pb.ListResponse(experiments=[convert.experiment_to_pb(x) for x in xs])
+        """Newest first, one page: up to `limit` experiments and at most listing.PAGE_BYTES
+        of them (no row, however big, can make a page exceed what gRPC sends)."""
+        states = [await _enum(context, "List", f"states[{i}]", v, pb.ExperimentState)
+                  for i, v in enumerate(request.states)]
+        limit = request.limit or listing.DEFAULT_LIMIT
+        if not 0 <= limit <= listing.MAX_LIMIT:
+            await bad_request(context, "List", f"limit: must be in 0..{listing.MAX_LIMIT}, got {limit}")
+        try:
+            before = listing.decode_token(request.page_token)
+        except ValueError as exc:
+            await bad_request(context, "List", str(exc))
+        out, size = pb.ListResponse(), 0
+        while True:
+            n = min(listing.CHUNK, limit - len(out.experiments))
+            try:
+                xs = await self.db(self.store.list_experiments, states or None, n + 1, before_id=before,
+                                   tags=list(request.tags) or None)
+            except ValueError as exc:  # a malformed tag, named by the store
+                await bad_request(context, "List", str(exc))
+            more = len(xs) > n
+            for x in xs[:n]:
+                msg = listing.bounded(convert.experiment_to_pb(x))
+                if out.experiments and size + msg.ByteSize() > listing.PAGE_BYTES:
+                    more = True
+                    break
+                out.experiments.append(msg)
+                size += msg.ByteSize()
+                before = x.id
+            else:
+                if more and len(out.experiments) < limit:
+                    continue
+            break
+        if more:
+            out.next_page_token = listing.encode_token(before)
+        return out
 
     async def Cancel(self, request: pb.CancelRequest, context):
         await self._get(request.id, context)
@@ -84,35 +129,71 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
         try:
             x = await self.db(self.store.cancel, request.id, reason)
         except InvalidTransition as exc:
+            if exc.current == e.CANCELLED:  # cancelling twice is not an error: same answer
+                return convert.experiment_to_pb(await self._get(request.id, context))
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         session = self.dispatcher.session_for(x.id)
         if session is not None:
-            session.send(pb.ServerMessage(cancel=pb.CancelRun(experiment_id=x.id, attempt=x.attempt, reason=reason)))
+            session.send(convert.stop_message(x.id, x.attempt, pb.STOP_CANCELLED, reason))
         self.dispatcher.release(x.id, x.attempt)
-        self.live.experiment_changed(x)
+        log.info("experiment %d cancelled (attempt %d): %s", x.id, x.attempt, reason)
+        await self.live.run_changed(x)
         return convert.experiment_to_pb(x)
 
     # ------------------------------------------------------------------ watch / metrics
     async def Watch(self, request: pb.WatchRequest, context):
-        x = await self._get(request.id, context)
-        # Subscribe before reading history: a batch stored meanwhile shows up in both,
-        # and the per-scope step filter below drops the second copy (no gap, no dup).
+        """History paged from the store, then live events, with no gap and no duplicate:
+        subscribe first, then read; a batch stored meanwhile shows up in both and the
+        per-scope step filter (`_after`) drops the second copy. Every send has a deadline
+        (watch_history.Sender), so a client that stops reading is cut off."""
+        stalled = ""
+        try:
+            await self._watch(request, context)
+        except ClientStalled as exc:
+            stalled = str(exc)
+        except asyncio.CancelledError:
+            # The client left or the server is stopping: nobody to answer. (Re-raised, grpc
+            # logs a traceback per open stream at shutdown for handlers that use write().)
+            return
+        if stalled:  # answered outside the except: its traceback (and the page it holds) is gone
+            rate_limited(logging.INFO, ("stalled", request.id), "%s", stalled)
+            try:  # goes out once the client reads or leaves
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stalled)
+            except grpc.aio.AbortError:
+                raise
+            except (asyncio.CancelledError, Exception):  # the call ended first (client gone, server stopping)
+                return
+
+    async def _watch(self, request: pb.WatchRequest, context) -> None:
         sub = self.live.hub.subscribe(request.id)
         context.add_done_callback(lambda _: self.live.hub.unsubscribe(sub))
+        send = Sender(context, request.id, self.watch_send_timeout)
         try:
-            yield pb.WatchEvent(experiment=convert.experiment_to_pb(x))
+            x = await self._get(request.id, context)
+            await send(pb.WatchEvent(experiment=convert.experiment_to_pb(x)))
             sent = {pb.STEP: request.from_step - 1, pb.EPOCH: request.from_step - 1}
             if not request.live_only:
-                rows = await self.db(self.store.metric_rows, request.id, from_step=max(request.from_step, 0))
-                for batch in convert.rows_to_batches(request.id, rows):
-                    sent[batch.scope] = max(sent[batch.scope], batch.rows[-1].step)
-                    yield pb.WatchEvent(metrics=batch)
+                first = max(request.from_step, 0)
+                while True:
+                    # Every row stored before the subscription is at or below x.last_step
+                    # (add_metrics moves it in the same transaction); later ones come live.
+                    async for rows in history_pages(self.db, self.store, request.id, first, x.last_step):
+                        for batch in convert.rows_to_batches(request.id, rows):
+                            sent[batch.scope] = max(sent[batch.scope], batch.rows[-1].step)
+                            await send(pb.WatchEvent(metrics=batch))
+                    first = max(first, x.last_step + 1)
+                    x = await self._get(request.id, context)
+                    # A run that ended meanwhile: its tail is read from the store too,
+                    # since the live phase (which would carry it) is skipped below.
+                    if not x.is_final or x.last_step < first:
+                        break
                 for rec in await self.db(self.store.list_controls, request.id):
                     if rec.status != e.PENDING:
-                        yield pb.WatchEvent(control=convert.control_to_pb(rec))
-            x = await self._get(request.id, context)
+                        await send(pb.WatchEvent(control=convert.control_to_pb(rec)))
+            else:
+                x = await self._get(request.id, context)
             if x.is_final:
-                yield pb.WatchEvent(experiment=convert.experiment_to_pb(x))
+                await send(pb.WatchEvent(experiment=convert.experiment_to_pb(x)))
                 return
             backlog: list = []  # an event _coalesce took from the queue but could not merge
             sent_at = 0.0
@@ -132,7 +213,7 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
                     event = _after(event, sent)
                     if event is None:
                         continue
-                yield event
+                await send(event)
                 sent_at = time.monotonic()
                 if which == "experiment" and event.experiment.state in (pb.COMPLETED, pb.FAILED, pb.CANCELLED):
                     return
@@ -140,10 +221,14 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
             self.live.hub.unsubscribe(sub)
 
     async def GetMetrics(self, request: pb.GetMetricsRequest, context):
-        await self._get(request.id, context)
         if request.max_points < 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_points: must be >= 0, got {request.max_points}")
-        scope = pb.Scope.Name(request.scope) if request.scope else None
+            await bad_request(context, "GetMetrics", f"max_points: must be >= 0, got {request.max_points}")
+        scope = await _enum(context, "GetMetrics", "scope", request.scope, pb.Scope) if request.scope else None
+        if len(request.names) > MAX_NAMES or any(len(n) > 128 for n in request.names):
+            longest = max(map(len, request.names))
+            await bad_request(context, "GetMetrics", f"names: at most {MAX_NAMES} names of at most 128 characters, "
+                                                     f"got {len(request.names)} (longest {longest})")
+        await self._get(request.id, context)
         # With max_points the store answers from its min/max rollup (a 1,000,000-point run
         # in tens of ms instead of reading every point); without, every point is read.
         series, total = await self.db(self.store.get_metrics_downsampled, request.id, request.max_points,
@@ -156,40 +241,8 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
 
     # ------------------------------------------------------------------ control
     async def Control(self, request: pb.ControlRequest, context):
-        verb = verb_of(request.kind)
-        if verb is None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown control kind {request.kind}")
-        try:
-            check_control_value(verb, request.value)
-        except ValueError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"value: {exc}")
-        if request.wait_seconds < 0 or not math.isfinite(request.wait_seconds) or request.wait_seconds > 600:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"wait_seconds: must be in [0, 600], got {request.wait_seconds}")
-        x = await self._get(request.experiment_id, context)
-        if x.is_final:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                f"experiment {x.id} is {x.state}; it can no longer be steered")
-        key = (x.id, verb)
-        if key not in self._refusals:  # the spec never changes: check each verb once
-            self._refusals[key] = await self.db(_unsupported, x.spec, verb, request.value)
-        problem = self._refusals[key]
-        if problem:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, problem)
-        command_id = request.command_id or uuid.uuid4().hex
-        rec = await self.db(self.store.add_control,
-                            _record(x.id, pb.ControlKind.Name(request.kind), request.value, e.LIVE, time.time(),
-                                    command_id=command_id))
-        if rec.status != e.PENDING:  # an idempotent retry of a command already resolved
-            return convert.control_to_pb(rec)
-        session = self.dispatcher.session_for(x.id)
-        if session is None:  # QUEUED (or between workers): delivered with the assignment
-            return convert.control_to_pb(rec)
-        ack = self.live.expect_control(command_id)
-        session.send(pb.ServerMessage(control=pb.ControlCommand(
-            experiment_id=x.id, attempt=x.attempt, command_id=command_id, kind=request.kind, value=request.value)))
-        done = await self.live.wait_control(command_id, ack, request.wait_seconds or DEFAULT_CONTROL_WAIT)
-        return convert.control_to_pb(done or rec)
+        # Validation, refusals, dry runs and the ack wait: server/control_rpc.py.
+        return await control_rpc.control(self, request, context)
 
     async def ListControls(self, request: pb.ListControlsRequest, context):
         await self._get(request.experiment_id, context)
@@ -198,36 +251,35 @@ class ExperimentsService(pb_grpc.ExperimentsServicer):
 
     async def Replay(self, request: pb.ReplayRequest, context):
         x = await self._get(request.id, context)
-        spec = await self.db(parse_spec, x.spec, check_model=False)
-        replayed = [(r.kind, r.value, r.applied_step) for r in await self.db(self.store.list_controls, x.id)
+        try:
+            spec = await self.db(parse_spec, x.spec, check_model=False)
+        except SpecError as exc:  # stored before a rule it breaks existed
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"experiment {x.id} cannot be replayed: its spec is no longer valid: {exc}")
+        replayed = [(r.kind, r.value, r.applied_step, r.hold) for r in await self.db(self.store.list_controls, x.id)
                     if r.source != e.SCHEDULED and r.status == e.APPLIED]
-        spec_dict = {**x.spec, "name": f"{x.name}-replay"[:128]}
+        suffix = f"-replay-of-{x.id}"  # the link is also in replay_of
+        spec_dict = {**x.spec, "name": x.name[:128 - len(suffix)] + suffix}
         y = await self._create(spec_dict, spec, replay_of=x.id, replayed=replayed)
         return convert.experiment_to_pb(y)
 
 
+async def _enum(context, method: str, field: str, value: int, enum) -> str:
+    """The name of a wire enum value; INVALID_ARGUMENT naming the field for an unknown
+    (or UNSPECIFIED) one: proto3 enums are open, so any int arrives."""
+    if value == 0 or value not in enum.values():
+        names = ", ".join(n for n, v in enum.items() if v)
+        await bad_request(context, method, f"{field}: unknown value {value}; expected one of {names}",
+                          level=logging.WARNING)
+    return enum.Name(value)
+
+
 def _record(experiment_id: int, kind: str, value: float, source: str, now: float, *,
-            command_id: str | None = None, at_step: int | None = None) -> e.ControlRecord:
+            command_id: str | None = None, at_step: int | None = None, hold: bool = False) -> e.ControlRecord:
     return e.ControlRecord(command_id=command_id or uuid.uuid4().hex, experiment_id=experiment_id, kind=kind,
                            value=float(value), status=e.PENDING, source=source, requested_at=now,
                            applied_at=None, applied_step=None, old_value=None, new_value=None, message="",
-                           at_step=at_step)
-
-
-def _unsupported(spec_dict: dict, verb: str, value: float) -> str:
-    """Why `verb` cannot apply to this experiment's spec, or '' if it can."""
-    spec = parse_spec(spec_dict, check_model=False)
-    if verb == "set_lr_decay":
-        sched = build_schedule(spec.schedule, base_lr=spec.optimizer.lr, steps_per_epoch=1, epochs=spec.train.epochs)
-        try:
-            sched.set_decay(0, value)
-        except NoDecayFactor as exc:
-            return str(exc)
-        except ValueError:
-            return ""  # range problems were reported as INVALID_ARGUMENT already
-    if verb == "set_ema_decay" and spec.train.ema is None:
-        return "set_ema_decay needs model EMA; this experiment's spec has no train.ema"
-    return ""
+                           at_step=at_step, hold=hold)
 
 
 COALESCE_ROWS = 2000

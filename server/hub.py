@@ -35,6 +35,9 @@ class Hub:
     def __init__(self, queue_size: int = DEFAULT_QUEUE):
         self.queue_size = queue_size
         self._subs: dict[int, set[Subscription]] = defaultdict(set)
+        # Called with (experiment_id, event) for every event, e.g. the console's runs
+        # board; each must be cheap and never block (it runs inside publish).
+        self.listeners: list = []
 
     def subscribe(self, experiment_id: int) -> Subscription:
         sub = Subscription(experiment_id, self.queue_size)
@@ -49,6 +52,8 @@ class Hub:
                 del self._subs[sub.experiment_id]
 
     def publish(self, experiment_id: int, event: pb.WatchEvent) -> None:
+        for listener in self.listeners:
+            listener(experiment_id, event)
         for sub in list(self._subs.get(experiment_id, ())):
             try:
                 sub.queue.put_nowait(event)

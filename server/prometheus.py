@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from trainctl.server.store import entities as e
+from trainctl.server.store.errors import StoreError
 
 try:
     import prometheus_client as prom
@@ -64,11 +65,16 @@ class _ScrapeTimeGauges:
         self.live, self.dispatcher, self.loop = live, dispatcher, loop
 
     def collect(self):
-        g = GaugeMetricFamily("trainctl_experiments", "Experiments by state", labels=["state"])
-        counts = _state_counts(self.live.store)
-        for state in e.STATES:
-            g.add_metric([state], counts.get(state, 0))
-        yield g
+        try:
+            counts = self.live.store.count_by_state()  # one GROUP BY, not every row's spec
+        except StoreError as exc:  # an outage: the other gauges still tell something
+            log.warning("metrics scrape: experiment counts unavailable: %s", exc)
+            counts = None
+        if counts is not None:
+            g = GaugeMetricFamily("trainctl_experiments", "Experiments by state", labels=["state"])
+            for state in e.STATES:
+                g.add_metric([state], counts.get(state, 0))
+            yield g
         try:
             workers, subs = asyncio.run_coroutine_threadsafe(self._loop_side(), self.loop).result(SCRAPE_LOOP_TIMEOUT)
         except Exception as exc:  # loop stopping or stuck: better a partial scrape than none
@@ -81,18 +87,6 @@ class _ScrapeTimeGauges:
     async def _loop_side(self) -> tuple[int, int]:
         # Hub and dispatcher are event-loop state; read them there, not from this thread.
         return len(self.dispatcher.sessions), self.live.hub.subscriber_count()
-
-
-def _state_counts(store) -> dict[str, int]:
-    # One GROUP BY rather than list_experiments (which loads every spec). The store has
-    # no public count, so this reaches into its session; SqlAlchemyStore is the only one.
-    from sqlalchemy import func, select
-
-    from trainctl.server.store.tables import ExperimentModel
-
-    with store._session() as s:
-        rows = s.execute(select(ExperimentModel.state, func.count()).group_by(ExperimentModel.state))
-        return {state: n for state, n in rows}
 
 
 class MetricsEndpoint:

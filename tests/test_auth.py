@@ -99,6 +99,63 @@ def test_tls_server_accepts_tls_clients_only(tmp_path, monkeypatch):
                     raise
                 time.sleep(0.3)
         monkeypatch.delenv("TRAINCTL_TLS_CA")
-        assert _code(lambda: Client(f"127.0.0.1:{port}", timeout=3).list()) == "UNAVAILABLE"
+        with pytest.raises(TrainctlError) as info:
+            Client(f"127.0.0.1:{port}", timeout=3).list()
+        # the plaintext client is told why the server hung up (gRPC alone says "Socket closed")
+        assert info.value.code == "UNAVAILABLE" and "may require TLS" in info.value.message, info.value.message
+        assert "TRAINCTL_TLS_CA" in info.value.message
     finally:
         proc.stop()
+
+
+def test_client_token_from_a_file_and_the_env(secured, tmp_path, capsys, monkeypatch):
+    from trainctl.client.cli import main
+
+    f = tmp_path / "client.token"
+    f.write_text(CLIENT_TOKEN + "\n")
+    monkeypatch.delenv("TRAINCTL_TOKEN", raising=False)
+    assert main(["ls", "--json", "-s", secured.address, "--token-file", str(f)]) == 0
+    monkeypatch.setenv("TRAINCTL_TOKEN", CLIENT_TOKEN)
+    assert main(["ls", "--json", "-s", secured.address]) == 0
+    monkeypatch.setenv("TRAINCTL_TOKEN", "wrong")
+    assert main(["ls", "-s", secured.address]) == 2
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+def test_the_server_never_reads_the_clients_token_variable(tmp_path, monkeypatch):
+    """A shell that exported TRAINCTL_TOKEN (and its file) for the CLI starts a server with
+    auth off; the server's own variables turn it on."""
+    f = tmp_path / "tokens"
+    f.write_text("from-a-file\n")
+    monkeypatch.setenv("TRAINCTL_TOKEN", "for-the-cli")
+    monkeypatch.setenv("TRAINCTL_TOKEN_FILE", str(f))
+    for d in ("open", "closed"):
+        (tmp_path / d).mkdir()
+    open_server = Cluster(tmp_path / "open")
+    try:
+        assert Client(open_server.address, token="").list() == []
+    finally:
+        open_server.stop()
+    monkeypatch.delenv("TRAINCTL_TOKEN")
+    monkeypatch.delenv("TRAINCTL_TOKEN_FILE")
+    monkeypatch.setenv("TRAINCTL_SERVER_CLIENT_TOKEN_FILE", str(f))
+    closed = Cluster(tmp_path / "closed")
+    try:
+        assert _code(lambda: Client(closed.address, token="").list()) == "UNAUTHENTICATED"
+        assert Client(closed.address, token="from-a-file").list() == []
+    finally:
+        closed.stop()
+
+
+def test_address_and_token_flags_have_help():
+    from trainctl.client.cli import build_parser
+
+    p = build_parser()
+    sub = next(a for a in p._actions if a.dest == "command").choices
+    for cmd, flag in (("server", "--listen"), ("worker", "--server"), ("worker", "--token"),
+                      ("worker", "--token-file"), ("get", "--server"), ("get", "--token-file"),
+                      ("server", "--client-token")):
+        action = next(a for a in sub[cmd]._actions if flag in a.option_strings)
+        assert action.help, (cmd, flag)
+    server_env = " ".join(a.help or "" for a in sub["server"]._actions)
+    assert "TRAINCTL_SERVER_CLIENT_TOKEN" in server_env and "env TRAINCTL_TOKEN)" not in server_env

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -184,7 +185,7 @@ def test_compose_config_accepts_the_documented_override(cli, tmp_path):
                        cwd=tmp_path, capture_output=True, text=True, env=clean_env(), timeout=60)
     assert r.returncode == 0, r.stderr
     rendered = yaml.safe_load(r.stdout)
-    assert rendered["services"]["server"]["environment"]["TRAINCTL_TOKEN_FILE"].startswith("/run/secrets/")
+    assert rendered["services"]["server"]["environment"]["TRAINCTL_SERVER_CLIENT_TOKEN_FILE"].startswith("/run/secrets/")
 
 
 # ---------------------------------------------------------------------- 2. run it locally
@@ -324,12 +325,15 @@ def test_compose_services_train_a_run_on_loopback(tmp_path):
     stack = LocalCompose(tmp_path, DOTENV)
     assert set(stack.services) == {"server", "worker"}, "the default profile is one server and workers"
     published = [(n, p) for n, s in stack.services.items() for p in container_ports(s) if s.get("ports")]
-    assert [n for n, _ in published] == ["server"], "only the server publishes a port"
+    assert {n for n, _ in published} == {"server"}, "only the server publishes ports"
+    assert sorted(p for _, p in published) == [8080, 50051], "gRPC and the web console"
     try:
         stack.up()  # server, its healthcheck passing, then the worker
-        address = stack.address(*published[0])
+        address = stack.address("server", 50051)
         with Client(address, token=DOTENV["TRAINCTL_TOKEN"]) as c:
-            x = c.submit(digits_spec("compose", epochs=1, max_steps=3))
+            spec = digits_spec("compose", epochs=1, max_steps=3)
+            spec["train"]["keep_checkpoints"] = 1  # by default a COMPLETED run's checkpoints go
+            x = c.submit(spec)
             deadline = time.monotonic() + 45
             while not (x := c.get(x.id)).is_final:
                 stack.check_alive()
@@ -337,6 +341,9 @@ def test_compose_services_train_a_run_on_loopback(tmp_path):
                 time.sleep(0.2)
             assert x.state == "COMPLETED", f"{x.state} {x.message}\n{stack.logs()}"
             assert c.metrics(x.id), "no metrics came back through the published port"
+        console = f"http://{stack.address('server', 8080)}/"
+        with urllib.request.urlopen(console, timeout=10) as page:
+            assert page.status == 200 and b"trainctl" in page.read().lower(), "the console is not served"
         # The volumes are where the CLI really writes: database and checkpoints.
         db_files = list(stack.volume_dirs["trainctl-db"].iterdir())
         assert any(f.name.endswith(".db") for f in db_files), f"no database in the db volume: {db_files}"

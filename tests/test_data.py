@@ -175,3 +175,55 @@ def test_fields_for_other_datasets_rejected(fields, message):
 def test_stored_spec_with_defaults_written_out_revalidates(fields):
     p = DataParams(**fields)
     assert DataParams.model_validate(p.model_dump(mode="json")) == p
+
+
+# ---------------------------------------------------------------- issue 11 item 16
+
+
+def _train_transforms(bundle):
+    return [type(t).__name__ for t in bundle.train.dataset.base.transform.transforms]
+
+
+def test_augment_is_explicit_and_hflip_is_opt_in(tmp_path):
+    _write_tree(tmp_path)
+    # `true` is the dataset's default, written out in the validated (stored) spec
+    assert DataParams(dataset="digits", augment=True).augment == ["random_crop"]
+    assert DataParams(dataset="imagefolder", path="/x", augment=True).augment == ["random_crop", "hflip"]
+    assert DataParams(dataset="digits", augment=[]).augment is False
+    with pytest.raises(ValidationError, match="data.augment: hflip is offered for imagefolder only"):
+        DataParams(dataset="digits", augment=["random_crop", "hflip"])
+    with pytest.raises(ValidationError, match="augment"):
+        DataParams(dataset="imagefolder", path="/x", augment=["rotate"])
+    base = dict(dataset="imagefolder", path=str(tmp_path), img_size=16, batch_size=4)
+    crop_only = build_data(DataParams(**base, augment=["random_crop"]), seed=0)
+    both = build_data(DataParams(**base, augment=["random_crop", "hflip"]), seed=0)
+    flip_only = build_data(DataParams(**base, augment=["hflip"]), seed=0)
+    assert "RandomHorizontalFlip" not in _train_transforms(crop_only)
+    assert "RandomResizedCrop" in _train_transforms(crop_only)
+    assert {"RandomResizedCrop", "RandomHorizontalFlip"} <= set(_train_transforms(both))
+    assert "RandomHorizontalFlip" in _train_transforms(flip_only)
+    assert "RandomResizedCrop" not in _train_transforms(flip_only)
+    # digits: [random_crop] is what `true` always did (a translation), nothing else
+    a = build_data(DataParams(dataset="digits", augment=True, img_size=16), seed=0)
+    b = build_data(DataParams(dataset="digits", augment=["random_crop"], img_size=16), seed=0)
+    assert torch.equal(first_batch(a)[0], first_batch(b)[0])
+    p = DataParams(**base, augment=["hflip", "random_crop"])
+    assert DataParams.model_validate(p.model_dump(mode="json")) == p
+
+
+def test_per_class_metrics_are_named_by_class_folder(tmp_path):
+    """A tiny imagefolder of PNGs through the real Trainer: val_acc/<folder> per class."""
+    from trainctl.spec import parse_spec
+    from trainctl.workers.engine.context import EPOCH, ListSink, TrainingContext
+    from trainctl.workers.engine.loop import Trainer
+
+    _write_tree(tmp_path, classes=("one", "three", "seven"), per=(4, 2))
+    spec = parse_spec({"name": "folder", "model": {"name": "resnet10t"},
+                       "data": {"dataset": "imagefolder", "path": str(tmp_path), "img_size": 16, "batch_size": 4,
+                                "augment": ["random_crop"]},
+                       "train": {"epochs": 1, "checkpoint_every": 0}}, check_model=False)
+    sink = ListSink()
+    Trainer(spec, TrainingContext(sink=sink)).run()
+    (row,) = [v for scope, _, _, v in sink.rows if scope == EPOCH]
+    assert {"val_acc/one", "val_acc/three", "val_acc/seven"} <= set(row)
+    assert not [k for k in row if k.startswith("val_acc_class")]

@@ -106,7 +106,7 @@ def test_checkpoint_written_once_by_rank0(cancelled_run):
     trace, tmp = cancelled_run["trace"], cancelled_run["tmp"]
     assert [(r["epoch"], r["step"]) for r in trace[0] if r["kind"] == "checkpoint"] == [(0, SPE), (1, 2 * SPE)]
     assert not [r for r in trace[1] if r["kind"] == "checkpoint"]
-    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in (tmp / "ckpt").iterdir()) == [f"ckpt-{2 * SPE}-a0.pt", f"ckpt-{SPE}-a0.pt"]
 
 
 def test_resumed_two_rank_run_continues_exactly(cancelled_run):
@@ -177,4 +177,4 @@ def test_nccl_ranks_agree_on_gpu(tmp_path):
     assert steps[0][3]["lrs"][0] == pytest.approx(0.03) and "sched" in steps[0][3]["applied"]
     assert [a.command_id for a in inbox.acks] == ["sched"]
     assert [r[1] for r in sink.rows if r[0] == STEP] == list(range(10))
-    assert summary.steps == 10 and (tmp_path / "ckpt" / "last.pt").exists()
+    assert summary.steps == 10 and list((tmp_path / "ckpt").glob("ckpt-*.pt"))

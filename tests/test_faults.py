@@ -153,3 +153,257 @@ def test_worker_sigterm_hands_the_run_back(fast_cluster):
 def test_server_sigterm_exits_cleanly(fast_cluster):
     assert fast_cluster.server.stop(signal.SIGTERM) == 0
     assert "Traceback" not in fast_cluster.server.output()
+
+
+
+# ---------------------------------------------------------------------- issue 10, items 1-5
+# Each asserts the invariants (every step 0..N-1 exactly once in a COMPLETED run, every
+# epoch row, restarts not spent on server faults, no checkpoint of another lineage or of
+# a fenced attempt resumed), not only the final state. Workers log at INFO so the tests
+# can read their lifecycle lines ("resumed from ...", "fenced ...").
+
+
+@pytest.fixture
+def info_logs(monkeypatch):
+    monkeypatch.setenv("TRAINCTL_LOG", "INFO")
+
+
+def _small_spec(name: str, epochs: int = 6, steps: int = 6, **train) -> dict:
+    # Tiny: the box that runs these is often shared and slow. A run that ends during a
+    # fault is still a fair test: its results must get through once the fault is over.
+    return digits_spec(name, train={"epochs": epochs, "seed": 0, "max_steps_per_epoch": steps, **train})
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL a worker with its run process (a box that died), and wait for it."""
+    os.killpg(proc.popen.pid, signal.SIGKILL)
+    proc.popen.wait()
+
+
+def _row(db_path, exp_id: int) -> tuple:
+    with sqlite3.connect(db_path) as db:
+        return db.execute("SELECT state, attempt, restarts FROM experiments WHERE id=?", (exp_id,)).fetchone()
+
+
+def _experiment_events(c, exp_id: int, timeout: float = 300) -> list:
+    """Every experiment event of a run until it ends (the states and messages it went through)."""
+    out, deadline = [], time.monotonic() + timeout
+    for ev in c.watch(exp_id):
+        if ev.kind == "experiment":
+            out.append(ev.experiment)
+            if ev.experiment.is_final:
+                return out
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"experiment {exp_id} did not end: {out}")
+    return out
+
+
+def _ckpt_dir(cluster, exp_id: int, workdir=None):
+    with sqlite3.connect(cluster.db_path) as db:
+        store_id = db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
+    return (workdir or cluster.tmp / "runs") / store_id / f"exp-{exp_id}"
+
+
+def _ckpts(d) -> list[str]:
+    return sorted((p.name for p in d.glob("ckpt-*.pt")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_server_stopped_past_the_lease_loses_nothing_and_spends_no_restart(fast_cluster, info_logs):
+    c = fast_cluster.client()
+    fast_cluster.add_worker("w0")
+    x = c.submit(_small_spec("server-frozen"))
+    _wait_epoch(c, x.id, 0, timeout=300)
+    os.kill(fast_cluster.server.popen.pid, signal.SIGSTOP)   # 2x the lease: no news from anyone
+    time.sleep(6.0)
+    os.kill(fast_cluster.server.popen.pid, signal.SIGCONT)
+    final = c.wait(x.id, timeout=300)
+    assert final.state == "COMPLETED", fast_cluster.logs()
+    _assert_complete_history(fast_cluster.db_path, x.id, steps=36, epochs=6)
+    assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 1, 0), "the server's own stall cost a restart"
+
+
+def _hold_write_lock(db_path, seconds: float):
+    """Another process holds SQLite's write lock (BEGIN EXCLUSIVE) for `seconds`."""
+    import subprocess
+    import sys
+
+    code = ("import sqlite3, sys, time\n"
+            "db = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)\n"
+            "db.execute('BEGIN EXCLUSIVE')\n"
+            "print('locked', flush=True)\n"
+            "time.sleep(float(sys.argv[2]))\n"
+            "db.execute('COMMIT')\n")
+    p = subprocess.Popen([sys.executable, "-c", code, str(db_path), str(seconds)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "locked"
+    return p
+
+
+def test_held_database_write_lock_loses_nothing_and_spends_no_restart(fast_cluster, info_logs):
+    c = fast_cluster.client()
+    fast_cluster.add_worker("w0")
+    x = c.submit(_small_spec("db-locked"))
+    _wait_epoch(c, x.id, 0, timeout=300)
+    locker = _hold_write_lock(fast_cluster.db_path, 8.0)     # > 2x the lease
+    assert locker.wait(60) == 0
+    final = c.wait(x.id, timeout=300)
+    assert final.state == "COMPLETED", fast_cluster.logs()
+    _assert_complete_history(fast_cluster.db_path, x.id, steps=36, epochs=6)
+    assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 1, 0), "a held DB lock cost a restart"
+
+
+class _TmpfsCluster(Cluster):
+    """A Cluster whose SQLite file lives on a small tmpfs the test can fill."""
+
+    def __init__(self, tmp, mount, server_args):
+        self.mount = mount
+        super().__init__(tmp, server_args)
+
+    def start_server(self):
+        self.db_path = self.mount / "trainctl.db"
+        return super().start_server()
+
+
+def test_database_on_a_full_filesystem_orphans_nothing(tmp_path, info_logs):
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a small tmpfs for the database")
+    mount = tmp_path / "dbfs"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    c = None
+    try:
+        c = _TmpfsCluster(tmp_path, mount, FAST_LEASE)
+        cl = c.client()
+        w0 = c.add_worker("w0")
+        x = cl.submit(_small_spec("disk-full"))
+        _wait_epoch(cl, x.id, 1, timeout=300)
+        filler = mount / "filler"
+        with open(filler, "wb") as f:                       # fill it: every DB write fails now
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        _kill_group(w0)                                     # its lease expires while nothing can be stored
+        time.sleep(3 + 4)
+        filler.unlink()                                     # space again
+        c.add_worker("w1")
+        final = cl.wait(x.id, timeout=300)
+        assert final.state == "COMPLETED", c.logs()
+        _assert_complete_history(c.db_path, x.id, steps=36, epochs=6)
+        assert "Traceback" not in c.server.output()
+    finally:
+        if c is not None:
+            c.stop()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_fresh_database_over_an_old_workdir_never_resumes_the_old_run(tmp_path, info_logs):
+    workdir = tmp_path / "runs"
+    (tmp_path / "old").mkdir()
+    old = Cluster(tmp_path / "old", FAST_LEASE)
+    try:
+        old.add_worker("w0", "--workdir", str(workdir))
+        c = old.client()
+        x = c.submit(_small_spec("old-run", epochs=3, steps=4, keep_checkpoints=2))
+        assert x.id == 1 and c.wait(x.id, timeout=300).state == "COMPLETED", old.logs()
+        old_dir = _ckpt_dir(old, 1, workdir)
+        deadline = time.monotonic() + 30     # pruned to what the spec keeps just after COMPLETED is sent
+        while _ckpts(old_dir) != ["ckpt-8-a1.pt", "ckpt-12-a1.pt"]:
+            assert time.monotonic() < deadline, _ckpts(old_dir)
+            time.sleep(0.2)
+    finally:
+        old.stop()
+
+    (tmp_path / "new").mkdir()
+    new = Cluster(tmp_path / "new", FAST_LEASE)             # a fresh database: experiment ids start at 1 again
+    try:
+        w0 = new.add_worker("w0", "--workdir", str(workdir))
+        c = new.client()
+        y = c.submit(_small_spec("new-run", epochs=4, steps=4, seed=5))
+        assert y.id == 1
+        _wait_epoch(c, y.id, 1, timeout=300)
+        _kill_group(w0)
+        new_dir = _ckpt_dir(new, 1, workdir)
+        assert new_dir != old_dir
+        # Someone copies the old run's newest checkpoint in, named like this run's newest.
+        step = int(_ckpts(new_dir)[-1].split("-")[1])
+        (new_dir / f"ckpt-{step}-a9.pt").write_bytes((old_dir / "ckpt-12-a1.pt").read_bytes())
+        w1 = new.add_worker("w1", "--workdir", str(workdir))
+        final = c.wait(y.id, timeout=300)
+        assert final.state == "COMPLETED" and final.attempt == 2, new.logs()
+        _assert_complete_history(new.db_path, y.id, steps=16, epochs=4)
+        out = w1.output()
+        assert f"ckpt-{step}-a9.pt not resumed: it belongs to store" in out, out
+        resumed = [line for line in out.splitlines() if "attempt 2: resumed from" in line]
+        assert resumed and "-a1.pt (attempt 1)" in resumed[0], out
+    finally:
+        new.stop()
+
+
+def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, info_logs):
+    c = fast_cluster.client()
+    w0 = fast_cluster.add_worker("w0")
+    x = c.submit(_small_spec("torn", epochs=6, steps=4))
+    _wait_epoch(c, x.id, 0, timeout=300)
+    d = _ckpt_dir(fast_cluster, x.id)
+    deadline = time.monotonic() + 300
+    while len(_ckpts(d)) < 3:                               # epochs 0-2 checkpointed
+        assert time.monotonic() < deadline, fast_cluster.logs()
+        time.sleep(0.05)
+    _kill_group(w0)
+    names = _ckpts(d)
+    for name in names[1:]:                                  # torn: a disk that lied, a bad copy
+        (d / name).write_bytes((d / name).read_bytes()[:1000])
+    w1 = fast_cluster.add_worker("w1")
+    events = _experiment_events(c, x.id)
+    assert events[-1].state == "COMPLETED", fast_cluster.logs()
+    _assert_complete_history(fast_cluster.db_path, x.id, steps=24, epochs=6)
+    assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 2, 1)
+    why = [e.message for e in events if e.state == "RUNNING" and e.attempt == 2]
+    assert why and f"{names[1]} is unreadable" in why[-1] and f"resumed from {names[0]}" in why[-1], events
+    assert f"{names[1]} is unreadable" in w1.output()
+    deadline = time.monotonic() + 30                        # removed just after COMPLETED is sent
+    while list(d.glob("ckpt-*.pt")):
+        assert time.monotonic() < deadline, _ckpts(d)
+        time.sleep(0.2)
+    assert (d / (names[1] + ".corrupt")).exists()           # kept for a look; the good ones are gone
+
+
+def test_fenced_attempt_stops_and_nothing_it_wrote_is_resumed(fast_cluster, info_logs):
+    c = fast_cluster.client()
+    w0 = fast_cluster.add_worker("w0")
+    x = c.submit(_small_spec("fenced", epochs=6, steps=4))
+    _wait_epoch(c, x.id, 0, timeout=300)
+    os.killpg(w0.popen.pid, signal.SIGSTOP)                 # agent and run process frozen past the lease
+    for ev in c.watch(x.id, live_only=True):
+        if ev.kind == "experiment" and ev.experiment.state == "QUEUED":
+            break
+    w1 = fast_cluster.add_worker("w1")
+    for ev in c.watch(x.id, live_only=True):
+        if ev.kind == "experiment" and ev.experiment.attempt == 2 and ev.experiment.state == "RUNNING":
+            break
+    os.killpg(w0.popen.pid, signal.SIGCONT)                 # it wakes up believing it owns attempt 1
+    d = _ckpt_dir(fast_cluster, x.id)
+    deadline = time.monotonic() + 60
+    while "fenced: stopped" not in w0.output():
+        assert time.monotonic() < deadline, fast_cluster.logs()
+        time.sleep(0.2)
+    assert not [n for n in _ckpts(d) if n.endswith("-a1.pt")], "a fenced attempt's checkpoints stayed"
+    _wait_epoch(c, x.id, 3, timeout=300)
+    _kill_group(w1)                                         # the next attempt resumes: from attempt 2's work
+    final = c.wait(x.id, timeout=300)
+    assert final.state == "COMPLETED" and final.attempt == 3 and final.worker_id == "w0", fast_cluster.logs()
+    _assert_complete_history(fast_cluster.db_path, x.id, steps=24, epochs=6)
+    resumed = [line for line in w0.output().splitlines() if "attempt 3: resumed from" in line]
+    assert resumed and "-a2.pt (attempt 2)" in resumed[0], w0.output()
+    with sqlite3.connect(fast_cluster.db_path) as db:
+        first2 = db.execute("SELECT MIN(step) FROM metrics WHERE experiment_id=? AND attempt=2 AND scope='STEP'",
+                            (x.id,)).fetchone()[0]
+        late1 = db.execute("SELECT COUNT(*) FROM metrics WHERE experiment_id=? AND attempt=1 AND step>?",
+                           (x.id, first2)).fetchone()[0]
+    assert late1 == 0, "the fenced attempt delivered steps after its successor started"

@@ -80,6 +80,48 @@ def test_random_control_calls_get_ok_or_clean_errors(fuzz_client, exp, kind, val
         _clean(lambda: fuzz_client.cancel(exp))
 
 
+RAW_OK = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
+          grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.ALREADY_EXISTS}
+
+
+@pytest.fixture(scope="module")
+def raw_channel(fuzz_cluster):
+    with grpc.insecure_channel(fuzz_cluster.address) as ch:
+        yield ch
+
+
+def _raw_status(call, body) -> grpc.StatusCode:
+    try:
+        call(body, timeout=30)
+    except grpc.RpcError as exc:
+        assert exc.code() in RAW_OK, f"{exc.code()}: {exc.details()}"
+        assert exc.details()
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(method=st.sampled_from(["Submit", "Get", "List", "GetMetrics", "Control", "ListControls", "Cancel"]),
+       body=st.binary(max_size=120))
+def test_random_request_bytes_get_ok_or_clean_errors(raw_channel, method, body):
+    """Whatever the bytes (undecodable, or decoding into any field values), a clean status."""
+    _raw_status(raw_channel.unary_unary(f"/trainctl.v1.Experiments/{method}"), body)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(states=st.lists(st.integers(-2 ** 31, 2 ** 31 - 1), max_size=3), limit=st.integers(-5, 20_000),
+       token=st.text(max_size=24), scope=st.integers(-2 ** 31, 2 ** 31 - 1), max_points=st.integers(-3, 5000),
+       names=st.lists(st.text(max_size=200), max_size=3))
+def test_random_enum_values_and_paging_fields_get_clean_errors(raw_channel, states, limit, token, scope,
+                                                              max_points, names):
+    from trainctl.v1 import trainctl_pb2 as pb
+
+    lst = raw_channel.unary_unary("/trainctl.v1.Experiments/List")
+    _raw_status(lst, pb.ListRequest(states=states, limit=limit, page_token=token).SerializeToString())
+    gm = raw_channel.unary_unary("/trainctl.v1.Experiments/GetMetrics")
+    _raw_status(gm, pb.GetMetricsRequest(id=1, scope=scope, max_points=max_points, names=names).SerializeToString())
+
+
 def test_server_survived_and_store_is_consistent(fuzz_cluster, fuzz_client):
     with grpc.insecure_channel(fuzz_cluster.address) as ch:
         status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status

@@ -82,7 +82,7 @@ def test_set_ema_decay_with_and_without_ema():
 
 
 @pytest.mark.parametrize("verb,value,fragment", [
-    ("set_lr", -1.0, "must be > 0"),
+    ("set_lr", -1.0, "set_lr must be"),
     ("set_lr", math.nan, "finite"),
     ("set_ema_decay", 1.5, "(0, 1]"),
     ("warp_speed", 1.0, "unknown command"),
@@ -95,3 +95,52 @@ def test_invalid_commands_are_refused_and_the_run_goes_on(verb, value, fragment)
     bad, good = inbox.acks
     assert not bad.ok and fragment in bad.message and bad.applied_step == 0
     assert good.ok and dict(sink.series("lr"))[0] == 0.01
+
+
+# ---------------------------------------------------------------- issue 11 items 1, 2
+
+
+def test_ack_says_what_an_lr_command_means_ahead_and_the_run_does_it():
+    """set_lr inside the warmup: the ack's consequence names the new peak and the final
+    LR, and the LRs the run then trains with are those."""
+    import re
+
+    spec = tiny_spec(train={"epochs": 3, "max_steps_per_epoch": 4})  # warmup: steps 0-3
+    trainer, sink, inbox = make_trainer(spec, scheduled=[Command("a", "set_lr", 0.02, at_step=1)])
+    trainer.run()
+    (ack,) = inbox.acks
+    m = re.fullmatch(r"warmup continues: peak (\S+) at step (\d+), final (\S+) at step 11", ack.consequence)
+    assert m, ack.consequence
+    lrs = _lrs(sink)
+    peak_step = int(m.group(2))
+    assert max(lrs[s] for s in range(1, 12)) == lrs[peak_step]
+    assert float(m.group(1)) == pytest.approx(lrs[peak_step], rel=5e-3)
+    assert float(m.group(3)) == pytest.approx(lrs[11], rel=5e-3)
+
+
+def test_hold_pins_the_trained_lr_and_survives_a_resume(tmp_path):
+    spec = tiny_spec(train={"epochs": 3, "max_steps_per_epoch": 4})
+    held = [Command("h", "set_lr", 0.01, at_step=2, hold=True)]
+    trainer, sink, inbox = make_trainer(spec, scheduled=held, checkpoint_dir=str(tmp_path))
+    trainer.run()
+    (ack,) = inbox.acks
+    assert ack.ok and ack.consequence.startswith("LR held at 0.01 from step 2")
+    lrs = _lrs(sink)
+    assert [lrs[s] for s in range(2, 12)] == [0.01] * 10
+    assert trainer.optimizer.param_groups[1]["lr"] == 0.01
+    # a new Trainer resumed from the last checkpoint keeps the hold (schedule state)
+    again, _, _ = make_trainer(spec, checkpoint_dir=str(tmp_path))
+    again._maybe_resume()
+    assert again.schedule.lr_at(11) == 0.01 and again.schedule.held(11) == (2, 0.01)
+
+
+def test_worker_refuses_a_decay_that_cannot_act():
+    spec = tiny_spec(train={"epochs": 3, "max_steps_per_epoch": 2},
+                     schedule={"name": "step", "step_size": 1, "gamma": 0.5})
+    trainer, sink, inbox = make_trainer(spec, scheduled=[Command("late", "set_lr_decay", 0.1, at_step=4),
+                                                         Command("hold", "set_ema_decay", 0.9, at_step=4,
+                                                                 hold=True)])
+    trainer.run()
+    late, hold = inbox.acks
+    assert not late.ok and "no gamma decay happens after step 4" in late.message
+    assert not hold.ok and "hold applies to set_lr and scale_lr only" in hold.message

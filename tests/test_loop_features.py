@@ -127,12 +127,44 @@ def test_ema_update_uses_the_decay_and_timm_warmup():
         with torch.no_grad():
             model.weight.add_(1.0)
         ema.update(model, step)
-        d = 0.0 if step <= 1 else 0.9          # timm copies the model on its first updates
+        d = 0.0 if step == 0 else 0.9          # timm copies the model on its first update only
         assert torch.allclose(ema.module.weight, d * prev + (1 - d) * model.weight)
     model, ema = _ema(decay=0.999, warmup=True)
     ema.update(model, 50)
-    assert ema.timm.get_decay(50) == pytest.approx(1 - (1 + 49) ** (-2 / 3))   # warmup caps the decay
+    assert ema.used_decay(50) == pytest.approx(1 - (1 + 50) ** (-2 / 3))   # warmup caps the decay
     assert ema.target_decay(50) == 0.999
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+@pytest.mark.parametrize("decay", [0.9, 0.9998])
+def test_ema_matches_timm_model_ema_v3_as_timm_train_drives_it(warmup, decay):
+    """Issue 11 item 22: the same weights as timm's ModelEmaV3 updated the way timm's
+    train.py does (`num_updates += 1; model_ema.update(model, step=num_updates)`), at
+    every step; the old 0-based call lagged one update (copied the model twice)."""
+    from timm.utils import ModelEmaV3
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    ours = ModelEma(EmaParams(decay=decay, warmup=warmup), model, total_steps=20)
+    ref = ModelEmaV3(model, decay=decay, use_warmup=warmup)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    num_updates = 0
+    used = []
+    for step in range(8):
+        loss = model(torch.randn(16, 4)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        num_updates += 1
+        ref.update(model, step=num_updates)
+        used.append(ours.used_decay(step))
+        ours.update(model, step)
+        for (k, a), b in zip(ours.module.state_dict().items(), ref.module.state_dict().values()):
+            assert torch.equal(a, b), (step, k)
+    assert used == [ref.get_decay(n) for n in range(1, 9)]
+    assert used[0] == 0.0 and used[1] > 0  # one copy, then averaging
+    if warmup:  # the issue's figures: 0, 0.370, 0.519, 0.603
+        assert used[:4] == pytest.approx([0, 0.370, 0.519, 0.603], abs=1e-3)
 
 
 def test_cosine_ema_decay_schedule_and_set_ema_decay_compose():
@@ -354,6 +386,6 @@ def test_per_class_accuracy_is_reported_and_averages_to_balanced_accuracy():
     sink = ListSink()
     Trainer(spec, TrainingContext(sink=sink)).run()
     (row,) = [v for scope, _, _, v in sink.rows if scope == EPOCH]
-    per_class = [row[f"val_acc_class_{c}"] for c in range(10)]
+    per_class = [row[f"val_acc/{c}"] for c in range(10)]  # digits: named by the digit
     assert all(0.0 <= a <= 1.0 for a in per_class)
     assert abs(sum(per_class) / 10 - row["val_balanced_acc"]) < 1e-12

@@ -3,6 +3,7 @@ code driven in the loop's order; the plots are real PNGs."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from pathlib import Path
@@ -215,3 +216,77 @@ def test_experiment_png_without_a_server(tmp_path):
     _assert_png(tmp_path / "exp.png")
     with pytest.raises(ValueError, match="no step metrics"):
         experiment_png(x, {}, [], tmp_path / "empty.png")
+
+
+def _captured_png(monkeypatch, build):
+    """Run a plot function, keeping its figure (drawn and saved) for inspection."""
+    from trainctl.client import plot
+
+    figs = []
+
+    def keep(fig, path):
+        fig.savefig(path)
+        figs.append(fig)
+        return path
+
+    monkeypatch.setattr(plot, "_finish", keep)
+    out = build()
+    return figs[0], out
+
+
+def _neighbours(tmp_path):
+    from trainctl.client.plot import experiment_png
+    from trainctl.client.sdk import ControlResult, ExperimentInfo
+
+    spe, steps = 22, list(range(132))
+
+    def series(st, vals):
+        return {"step": st, "epoch": [s // spe for s in st], "value": vals}
+
+    ep = [spe * (e + 1) for e in range(6)]
+    metrics = {"STEP/lr": series(steps, [0.1] * 132), "STEP/loss": series(steps, [2.3 - 0.01 * s for s in steps]),
+               "EPOCH/val_loss": {"step": ep, "epoch": list(range(6)), "value": [11.2, 1.5, 1.0, 0.8, 0.6, 0.5]},
+               "EPOCH/val_top1": {"step": ep, "epoch": list(range(6)), "value": [0.1, 0.5, 0.7, 0.8, 0.9, 0.9]}}
+    x = ExperimentInfo(id=7, name="n", state="COMPLETED", spec={}, attempt=1, worker_id="", message="", summary={},
+                       last_step=131, created_at=None, started_at=None, finished_at=None, replay_of=0)
+
+    def rec(step, kind, value):
+        return ControlResult(f"{step}{kind}", 7, kind, value, "APPLIED", "LIVE", step, None, value, "", None, None,
+                             None)
+
+    controls = [rec(50, "SET_LR", 0.01), rec(51, "SCALE_LR", 0.5), rec(52, "SET_LR", 0.02),
+                rec(60, "SET_LR_DECAY", 0.5)]
+    return lambda: experiment_png(x, metrics, controls, tmp_path / "n.png")
+
+
+def test_control_labels_at_neighbouring_steps_do_not_touch(tmp_path, monkeypatch):
+    import itertools
+
+    from matplotlib.text import Annotation
+
+    fig, out = _captured_png(monkeypatch, _neighbours(tmp_path))
+    ax = fig.axes[0]
+    r = fig.canvas.get_renderer()
+    boxes = [a.get_bbox_patch().get_window_extent(r) for a in ax.get_children() if isinstance(a, Annotation)]
+    assert len(boxes) == 4  # every label shown
+    gap = 1.0  # px between any two labels' white boxes
+    for a, b in itertools.combinations(boxes, 2):
+        assert not a.padded(gap / 2).overlaps(b.padded(gap / 2)), (a, b)
+
+
+def test_loss_panel_is_not_flattened_by_one_outlier(tmp_path, monkeypatch):
+    fig, out = _captured_png(monkeypatch, _neighbours(tmp_path))
+    ax_loss = fig.axes[1]
+    assert out["loss_scale"] == "log" and ax_loss.get_yscale() == "log"
+    # batch losses 1.0-2.3 take a fair share of the panel's height, not a sliver under 11.2
+    lo, hi = (math.log10(v) for v in ax_loss.get_ylim())
+    assert (math.log10(2.3) - math.log10(1.0)) / (hi - lo) > 0.2  # linear: 0.11
+
+    from trainctl.client.plot import _loss_axis
+
+    import matplotlib.pyplot as plt
+
+    fig2, ax = plt.subplots()
+    vals = [0.5 + 0.001 * i for i in range(500)] + [-0.1, 40.0]   # not all positive: robust linear axis
+    assert _loss_axis(ax, vals) == "linear" and ax.get_ylim()[1] < 2
+    plt.close(fig2)

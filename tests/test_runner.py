@@ -185,3 +185,57 @@ def test_a_run_process_pauses_while_its_agent_is_frozen(cluster):
         assert c.wait(exp_id, timeout=120).state == "COMPLETED", cluster.logs()
         steps = [ev.step for ev in c.watch(exp_id) if ev.kind == "step"]
         assert steps == list(range(40))
+
+
+@pytest.mark.slow
+def test_a_fenced_run_process_is_killed_at_once_and_delivers_nothing_more(tmp_path):
+    """STOP_FENCED (issue 10 item 3): no further step, no checkpoint write, no row after."""
+    import threading
+
+    from trainctl.spec import parse_spec
+    from trainctl.workers.engine.context import Cancelled, Lineage, TrainingContext
+
+    spec = parse_spec(digits_spec("fenced", epochs=500, max_steps=2), check_model=False)
+    inbox = runner.ForwardingInbox()
+    rows, fenced_at = [], {}
+    ctx = TrainingContext(inbox=inbox, checkpoint_dir=str(tmp_path), lineage=Lineage("s", 1, 1))
+    outcome = {}
+
+    def on_rows(batch):
+        assert "t" not in fenced_at, "rows delivered after the fence"
+        rows.extend(batch)
+
+    def run():
+        try:
+            runner.run_in_process(spec, ctx, on_rows)
+        except BaseException as exc:  # noqa: BLE001 - the test reads it
+            outcome["exc"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    deadline = time.monotonic() + 300
+    while not any(r[0] == "EPOCH" and r[2] >= 1 for r in rows):   # a few checkpoints written
+        assert time.monotonic() < deadline and t.is_alive(), outcome
+        time.sleep(0.05)
+    kill = inbox.kill
+    assert kill is not None
+    on_disk = sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))
+    inbox.fence("attempt 1 fenced")
+    fenced_at["t"] = time.monotonic()
+    t.join(30)
+    assert not t.is_alive()
+    assert isinstance(outcome.get("exc"), Cancelled) and str(outcome["exc"]) == "attempt 1 fenced"
+    time.sleep(1.0)
+    assert sorted(p.name for p in tmp_path.glob("ckpt-*.pt")) == on_disk   # no checkpoint after the fence
+    assert inbox.kill is None
+
+
+def test_the_agent_never_imports_torch():
+    # It imports the checkpoint module's file half (lineage paths, pruning): that half
+    # must stay torch-free, or every worker start pays the import before connecting.
+    import subprocess
+    import sys
+
+    code = ("import sys; import trainctl.workers.agent, trainctl.workers.engine.checkpoint;"
+            " assert 'torch' not in sys.modules and 'numpy' not in sys.modules, 'torch'")
+    subprocess.run([sys.executable, "-c", code], check=True)

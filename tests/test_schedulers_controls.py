@@ -7,6 +7,7 @@ from pydantic import ValidationError
 
 from trainctl.workers.engine.schedulers import (
     REGISTRY,
+    DecayCannotAct,
     NoDecayFactor,
     ScheduleParams,
     build_schedule,
@@ -63,12 +64,12 @@ def build(cfg):
 def drive(sched, controls=(), start=0, stop=N, metrics=lambda e: {"val_loss": 1.0}):
     """Run like the loop does; returns the LR of each step in [start, stop)."""
     due = {}
-    for at, kind, value in controls:
-        due.setdefault(at, []).append((kind, value))
+    for at, kind, value, *hold in controls:
+        due.setdefault(at, []).append((kind, value, hold))
     out = []
     for s in range(start, stop):
-        for kind, value in due.get(s, ()):
-            {"set_lr": sched.set_lr, "scale_lr": sched.scale_lr, "set_lr_decay": sched.set_decay}[kind](s, value)
+        for kind, value, hold in due.get(s, ()):
+            {"set_lr": sched.set_lr, "scale_lr": sched.scale_lr, "set_lr_decay": sched.set_decay}[kind](s, value, *hold)
         out.append(sched.lr_at(s))
         if (s + 1) % SPE == 0:
             sched.on_epoch_end(s // SPE, metrics(s // SPE))
@@ -133,6 +134,13 @@ def test_decay_or_no_decay(name, cfg):
         return
     orig = drive(build(cfg))
     at = 17
+    drive(sched, stop=at)
+    if sched.decay_ahead(at):  # no decay after step 17 (a single cosine cycle): refused, nothing changes
+        with pytest.raises(DecayCannotAct):
+            sched.set_decay(at, 0.25)
+        assert drive(sched, start=at) == orig[at:]
+        return
+    sched = build(cfg)
     got = drive(sched, [(at, "set_lr_decay", 0.25)])
     assert got[: at + 1] == orig[: at + 1]  # continuous at the step, unchanged before
     assert sched.decay == 0.25
@@ -141,10 +149,47 @@ def test_decay_or_no_decay(name, cfg):
             sched.set_decay(at, bad)
 
 
+def _forced_decay_changes_lr(cfg, at, gamma, metrics):
+    """Apply set_decay at `at` with the refusal switched off: does any later LR change?"""
+    orig = drive(build(cfg), metrics=metrics)
+    b = build(cfg)
+    drive(b, stop=at, metrics=metrics)
+    b.decay_ahead = lambda step: ""
+    b.set_decay(at, gamma)
+    after = drive(b, start=at, metrics=metrics)
+    return any(abs(x - y) > 1e-12 * abs(y) for x, y in zip(after, orig[at:]))
+
+
+@pytest.mark.parametrize("name,cfg", [c for c in CASES if REGISTRY[c[0]].decay_param or c[0] == "gradual_warmup"],
+                         ids=[i for i, c in zip(IDS, CASES) if REGISTRY[c[0]].decay_param or c[0] == "gradual_warmup"])
+def test_set_decay_is_refused_exactly_when_no_decay_can_act(name, cfg):
+    """Issue 11 item 2: refused (DecayCannotAct, the server's FAILED_PRECONDITION)
+    if and only if no factor would change any later LR."""
+    metrics = lambda e: {"val_loss": 1.0}  # noqa: E731  (plateau: a stall every epoch)
+    refused = acted = 0
+    for at in (0, 3, 7, 17, 23, 41, 50, 55, N - 2, N - 1):
+        a = build(cfg)
+        drive(a, stop=at, metrics=metrics)
+        if not a.decay_param:
+            continue
+        why = a.decay_ahead(at)
+        changes = any(_forced_decay_changes_lr(cfg, at, g, metrics) for g in (0.99, 0.01))
+        assert bool(why) == (not changes), (at, why)
+        if why:
+            refused += 1
+            with pytest.raises(DecayCannotAct, match=why[:20]):
+                a.set_decay(at, 0.5)
+        else:
+            acted += 1
+    assert refused >= 1 or not acted  # the last step at least, when the schedule has a factor
+
+
 @pytest.mark.parametrize("name,cfg", CASES, ids=IDS)
 def test_state_dict_roundtrip(name, cfg):
     controls = [(8, "scale_lr", 0.5), (21, "set_lr", 0.07)]
-    if REGISTRY[name].decay_param:
+    probe = build(cfg)
+    drive(probe, controls, stop=26)
+    if REGISTRY[name].decay_param and not probe.decay_ahead(26):
         controls.append((26, "set_lr_decay", 0.4))
     metrics = lambda e: {"val_loss": 1.0 / (1 + e % 3)}  # noqa: E731
     ref = drive(build(cfg), controls, metrics=metrics)
@@ -258,3 +303,89 @@ def test_invalid_params_rejected_with_path(spec, where):
     assert where in str(e.value)
     with pytest.raises(ValidationError):
         build(spec)
+
+
+# -- hold (issue 11 item 1: `set-lr --hold`) ----------------------------------------------
+
+
+@pytest.mark.parametrize("name,cfg", CASES, ids=IDS)
+@pytest.mark.parametrize("kind", ["set_lr", "scale_lr"])
+def test_hold_pins_the_lr_then_a_plain_set_lr_gives_the_shape_back(name, cfg, kind):
+    orig = drive(build(cfg))
+    sched = build(cfg)
+    value = 0.0123 if kind == "set_lr" else 0.37
+    got = drive(sched, [(7, kind, value, True), (40, "set_lr", 0.05)])
+    pinned = value if kind == "set_lr" else orig[7] * value
+    assert got[:7] == orig[:7]
+    assert got[7:40] == [pinned] * 33  # exactly the value, every step, warmup or not
+    assert got[40] == 0.05  # released: the schedule's shape again, scaled to 0.05 at step 40
+    for s in range(41, N):
+        assert got[s] == pytest.approx(orig[s] * 0.05 / orig[40], rel=1e-12)
+
+
+@pytest.mark.parametrize("name,cfg", CASES, ids=IDS)
+def test_hold_survives_a_checkpoint_and_refuses_decays(name, cfg):
+    controls = [(9, "set_lr", 0.03, True)]
+    ref = drive(build(cfg), controls)
+    a = build(cfg)
+    first = drive(a, controls, stop=20)
+    b = build(cfg)
+    b.load_state_dict(json.loads(json.dumps(a.state_dict())))
+    assert first + drive(b, start=20) == ref
+    assert ref[9:] == [0.03] * (N - 9)
+    if b.decay_param:
+        with pytest.raises(DecayCannotAct, match="held at 0.03"):
+            b.set_decay(25, 0.5)
+
+
+def test_old_checkpoint_state_without_hold_loads():
+    a = build(dict(EXAMPLES["step"][0], name="step"))
+    state = a.state_dict()
+    del state["hold"]
+    b = build(dict(EXAMPLES["step"][0], name="step"))
+    b.load_state_dict(state)
+    assert b.held(30) is None
+
+
+# -- the consequence (issue 11 item 1: the ack says what a command means ahead) --------------
+
+
+@pytest.mark.parametrize("name,cfg", CASES, ids=IDS)
+@pytest.mark.parametrize("at", [3, 23])
+def test_consequence_names_the_peak_and_final_lr_the_run_then_has(name, cfg, at):
+    import re
+
+    from trainctl.workers.engine.schedulers import consequence
+
+    metrics = lambda e: {"val_loss": 1.0}  # noqa: E731
+    sched = build(cfg)
+    drive(sched, stop=at, metrics=metrics)
+    sched.set_lr(at, 0.0123)
+    words = consequence(sched, at, "set_lr")
+    rest = drive(sched, start=at, metrics=metrics)  # what the run then does (plateau: with these metrics)
+    if "plateau" in words:
+        assert words.startswith("plateau continues from 0.0123")
+        return
+    m = re.search(r"final (\S+) at step (\d+)$", words)
+    assert m and int(m.group(2)) == N - 1, words
+    assert float(m.group(1)) == pytest.approx(rest[-1], rel=5e-3)
+    peak = re.search(r"(?:peak|rises to) (\S+) at step (\d+)", words)
+    if peak:
+        k = int(peak.group(2))
+        assert rest[k - at] == max(rest) and float(peak.group(1)) == pytest.approx(max(rest), rel=5e-3)
+    else:
+        assert max(rest) <= 0.0123 * (1 + 1e-9), words
+    assert words.startswith("warmup continues" if sched.in_warmup(at) else f"{name} continues from 0.0123")
+
+
+def test_consequence_of_hold_and_decay():
+    from trainctl.workers.engine.schedulers import consequence
+
+    s = build_schedule({"name": "step", "step_size": 4, "gamma": 0.5}, base_lr=0.1, steps_per_epoch=10, epochs=12)
+    s.set_decay(5, 0.1)
+    assert consequence(s, 5, "set_lr_decay") == \
+        "step continues from 0.1: next decay at step 40: 0.1 -> 0.01, final 0.001 at step 119"
+    s.set_lr(50, 0.02, hold=True)
+    assert consequence(s, 50, "set_lr") == ("LR held at 0.02 from step 50 to the end (step 119); "
+                                            "a set_lr/scale_lr without --hold gives the schedule back")
+    assert consequence(s, 50, "set_ema_decay") == ""

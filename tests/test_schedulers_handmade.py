@@ -150,3 +150,39 @@ def test_plateau_missing_metric_is_a_clear_error():
     s = build_schedule({"name": "plateau", "monitor": "val_acc", "mode": "max"}, base_lr=1, steps_per_epoch=1, epochs=3)
     with pytest.raises(ValueError, match="val_acc"):
         s.on_epoch_end(0, {"val_loss": 1.0})
+
+
+def upstream_cawb_driver(base, epochs, spe, warmup, epoch_lr):
+    """How upstream's CosineAnnealingWarmbootingLR is driven (YOLO train loops):
+    `step_batch()` before every batch sets base * i / warmup_iters while i < warmup_iters
+    and otherwise leaves the optimizer's LR alone; `step()` after every epoch sets the
+    next epoch's LR (`epoch_lr(e)`, the cawb formula)."""
+    warmup_iters = spe * warmup
+    lr, i, out = base, -1, []
+    for e in range(epochs):
+        if e > 0:
+            lr = epoch_lr(e)
+        for _ in range(spe):
+            i += 1
+            if i < warmup_iters:
+                lr = base * i / warmup_iters
+            out.append(lr)
+    return out
+
+
+@pytest.mark.parametrize("warmup,spe", [(1.5, 4), (1.3, 4), (0.5, 3), (2.25, 4), (2, 4), (1.7, 3)])
+def test_cawb_fractional_warmup_per_epoch_matches_upstream(warmup, spe):
+    """Issue 11 item 21: a warmup ending mid-epoch keeps its last LR until the next
+    epoch (trainctl dipped to the warmup value at the epoch's start)."""
+    kw = dict(eta_min=0.05, steps=[4], step_scale=0.8, epoch_scale=1.0)
+    epochs = 8
+    curve = cawb_ref(0.1, epochs, 1, warmup=warmup, per_step=False, **kw)  # one step per epoch: the epoch LRs
+    ref = upstream_cawb_driver(0.1, epochs, spe, warmup, lambda e: curve[e])
+    got = lrs({"name": "cawb", "warmup_epoch": warmup, "per_step": False, **kw}, 0.1, spe, epochs)
+    assert got == pytest.approx(ref, rel=1e-12, abs=1e-15)
+
+
+def test_cawb_issue_vector():
+    got = lrs({"name": "cawb", "warmup_epoch": 1.5, "per_step": False}, 0.1, 4, 6)
+    assert got[:8] == pytest.approx([0, 0.1 / 6, 0.2 / 6, 0.05, 0.4 / 6, 0.5 / 6, 0.5 / 6, 0.5 / 6], rel=1e-12)
+    assert got[8] > got[7]  # never below the warmup's last value before the cosine starts

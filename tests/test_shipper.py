@@ -4,8 +4,8 @@ from __future__ import annotations
 import threading
 
 from trainctl.v1 import trainctl_pb2 as pb
-from trainctl.workers.shipper import Outbox
-from trainctl.workers.spill import UnackedBatches
+from trainctl.outbox import Outbox
+from trainctl.spill import UnackedBatches
 
 
 def _batch(seq: int, exp: int = 1, attempt: int = 1) -> pb.MetricBatch:
@@ -63,4 +63,25 @@ def test_stream_batches_rows_keeps_order_and_resends_after_reconnect(tmp_path):
     assert [m.WhichOneof("msg") for m in resent] == ["hello", "metrics", "state"]
     assert resent[1].metrics.seq == batch.seq
     out.acked(7, 1, batch.seq)
+    assert out.pending() == 0
+
+
+def test_forget_drops_everything_of_a_fenced_attempt_and_nothing_else(tmp_path):
+    out = Outbox(spill_path=tmp_path / "spill.bin")
+    hello = pb.WorkerMessage(hello=pb.Hello(worker_id="w"))
+    out.add_rows(7, 1, [("STEP", 0, 0, 1.0, {"loss": 1.0})])
+    out.send(pb.WorkerMessage(ack=pb.ControlAck(experiment_id=7, attempt=1, command_id="c")), sticky=True)
+    first = out.stream(hello, lambda: pb.Heartbeat(), interval=60, stop=threading.Event())
+    assert [next(first).WhichOneof("msg") for _ in range(3)] == ["hello", "metrics", "ack"]   # sent, unacked
+    out.add_rows(7, 1, [("STEP", 1, 0, 2.0, {"loss": 0.5})])                                  # still queued
+    out.add_rows(8, 1, [("STEP", 0, 0, 2.0, {"loss": 0.7})])                                  # another run
+    out.send(pb.WorkerMessage(state=pb.StateUpdate(experiment_id=7, attempt=1, state=pb.FAILED)), sticky=True)
+    out.forget(7, 1)
+    out.add_rows(7, 1, [("STEP", 2, 0, 3.0, {"loss": 0.2})])                                  # after the fence
+    assert out.pending() == 1
+    again = out.stream(hello, lambda: pb.Heartbeat(), interval=60, stop=threading.Event())
+    msgs = [next(again) for _ in range(2)]
+    assert [m.WhichOneof("msg") for m in msgs] == ["hello", "metrics"]
+    assert (msgs[1].metrics.experiment_id, [r.step for r in msgs[1].metrics.rows]) == (8, [0])
+    out.acked(8, 1, msgs[1].metrics.seq)
     assert out.pending() == 0

@@ -79,8 +79,8 @@ def test_not_found_names_the_id(store):
         store.get_experiment(7)
     with pytest.raises(NotFound, match="experiment 7 not found"):
         store.get_metrics(7)
-    with pytest.raises(NotFound, match="control command nope not found"):
-        store.resolve_control("nope", status="APPLIED")
+    with pytest.raises(NotFound, match="control command nope of experiment 7 not found"):
+        store.resolve_control(7, "nope", status="APPLIED")
 
 
 def test_claim_is_fifo_and_respects_gpus(store):
@@ -289,18 +289,19 @@ def test_controls_add_resolve_list(store):
     live = store.add_control(ControlRecord("c-live", exp.id, "SET_LR", 0.01))
     assert (live.status, live.source, live.applied_step) == ("PENDING", "LIVE", None)
     assert live.requested_at > 0
-    # A client retrying with the same command_id gets the original record back.
-    assert store.add_control(ControlRecord("c-live", exp.id, "SET_LR", 0.5)) == live
+    # A client retrying with the same command_id (and content) gets the original record back.
+    assert store.add_control(ControlRecord("c-live", exp.id, "SET_LR", 0.01, requested_at=9.0)) == live
     store.add_control(
         ControlRecord("c-sched", exp.id, "SET_LR_DECAY", 0.5, source="SCHEDULED", requested_at=1.0, at_step=50)
     )
     store.add_control(ControlRecord("c-pending", exp.id, "SET_EMA_DECAY", 0.999, requested_at=2.0))
 
-    applied = store.resolve_control("c-live", status="APPLIED", applied_step=20, old_value=0.1, new_value=0.01)
+    applied = store.resolve_control(exp.id, "c-live", status="APPLIED", applied_step=20, old_value=0.1,
+                                    new_value=0.01, consequence="cosine continues")
     assert (applied.status, applied.applied_step, applied.old_value, applied.new_value) == ("APPLIED", 20, 0.1, 0.01)
-    assert applied.applied_at is not None
+    assert applied.applied_at is not None and applied.consequence == "cosine continues"
     # A duplicate ack does not rewrite the audited answer.
-    assert store.resolve_control("c-live", status="REJECTED", message="late") == applied
+    assert store.resolve_control(exp.id, "c-live", status="REJECTED", message="late") == applied
 
     # By (applied_step or at_step), then requested_at; not yet placed ones last.
     assert [c.command_id for c in store.list_controls(exp.id)] == ["c-live", "c-sched", "c-pending"]
@@ -347,7 +348,7 @@ def test_fresh_db_is_at_head_and_matches_models(store, store_url):
 def test_newer_schema_is_refused(store_url):
     with open_store(store_url) as s, s._engine.begin() as conn:
         conn.execute(text("UPDATE alembic_version SET version_num = '0099_future'"))
-    with pytest.raises(SchemaTooNew, match=r"revision 0099_future is newer than this trainctl knows \(head 0002\)"):
+    with pytest.raises(SchemaTooNew, match=r"revision 0099_future is newer than this trainctl knows \(head \d{4}\)"):
         open_store(store_url)
 
 
@@ -545,3 +546,148 @@ def test_migration_fills_rollup_for_existing_points(store_url):
         _rollup_matches_raw(s, 1)
         (loss,), total = s.get_metrics_downsampled(1, 10, scope="STEP")
         assert total == 1005 and _series_points(loss) == _expected(_raw_points(s, 1)[("loss", "STEP")], 10)
+
+
+# ---------------------------------------------------------------- issue 10: paging, command ids, expiry
+
+
+def test_list_pages_by_key(store):
+    ids = [store.create_experiment(f"e{i}", {}).id for i in range(5)]
+    first = store.list_experiments(limit=2)
+    assert [x.id for x in first] == ids[:-3:-1]
+    second = store.list_experiments(limit=2, before_id=first[-1].id)
+    assert [x.id for x in second] == [ids[2], ids[1]]
+    assert [x.id for x in store.list_experiments(limit=2, before_id=ids[0])] == []
+    store.cancel(ids[3], "x")
+    assert [x.id for x in store.list_experiments(["QUEUED"], 10, before_id=ids[4])] == [ids[2], ids[1], ids[0]]
+    assert store.count_by_state() == {"QUEUED": 4, "CANCELLED": 1}
+
+
+def test_command_ids_are_scoped_per_experiment(store):
+    from trainctl.server.store.errors import AlreadyExists
+
+    a, b = running(store, "a"), store.create_experiment("b", {})
+    ra = store.add_control(ControlRecord("same", a.id, "SET_LR", 0.01))
+    rb = store.add_control(ControlRecord("same", b.id, "SCALE_LR", 0.5))  # another experiment: another command
+    assert (ra.experiment_id, ra.kind, rb.experiment_id, rb.kind) == (a.id, "SET_LR", b.id, "SCALE_LR")
+    assert store.add_control(ControlRecord("same", a.id, "SET_LR", 0.01)) == ra  # idempotent retry
+    with pytest.raises(AlreadyExists, match=rf"command 'same' of experiment {a.id} already exists as SET_LR 0.01"):
+        store.add_control(ControlRecord("same", a.id, "SET_LR", 0.02))
+    with pytest.raises(AlreadyExists):
+        store.add_control(ControlRecord("same", a.id, "SET_LR", 0.01, hold=True))
+    # An ack for a's command resolves a's record only; b's is untouched.
+    done = store.resolve_control(a.id, "same", status="APPLIED", applied_step=3)
+    assert (done.experiment_id, done.status) == (a.id, "APPLIED")
+    assert store.list_controls(b.id)[0].status == "PENDING"
+    with pytest.raises(NotFound):
+        store.resolve_control(b.id, "other", status="APPLIED")
+
+
+def test_pending_commands_expire_when_the_run_ends(store):
+    # COMPLETED: a live command never acked and a scheduled one whose step never came.
+    done = running(store, "done")
+    store.add_metrics(done.id, 1, "STEP", ["loss"], [(s, 0, 0.0, [1.0]) for s in range(10)])
+    store.add_control(ControlRecord("live", done.id, "SET_LR", 0.1))
+    store.add_control(ControlRecord("sched", done.id, "SET_LR", 0.1, source="SCHEDULED", at_step=50))
+    applied = store.add_control(ControlRecord("ok", done.id, "SET_LR", 0.2))
+    store.resolve_control(done.id, "ok", status="APPLIED", applied_step=2)
+    store.transition(done.id, 1, "COMPLETED")
+    recs = {r.command_id: r for r in store.list_controls(done.id)}
+    assert recs["ok"].status == "APPLIED" and recs["ok"].applied_at >= applied.requested_at
+    assert (recs["live"].status, recs["live"].message) == ("EXPIRED", "the run ended COMPLETED at step 9 before it applied")
+    assert recs["sched"].message == "the run ended COMPLETED at step 9 before step 50 was reached"
+    assert recs["live"].applied_at is not None
+    assert store.list_controls(done.id, status="PENDING") == []
+
+    # CANCELLED (client) and FAILED (requeue giving up) too; QUEUED again keeps them PENDING.
+    c = store.create_experiment("c", {})
+    store.add_control(ControlRecord("x", c.id, "SCALE_LR", 0.5))
+    store.cancel(c.id, "no")
+    assert store.list_controls(c.id)[0].status == "EXPIRED"
+    f = running(store, "f", max_restarts=1)
+    store.add_control(ControlRecord("y", f.id, "SCALE_LR", 0.5))
+    store.requeue(f.id, 1, "lost")
+    assert store.list_controls(f.id)[0].status == "PENDING"
+    store.claim_next("w1", 0)
+    assert store.requeue(f.id, 2, "lost").state == "FAILED"
+    assert store.list_controls(f.id)[0].message == "the run ended FAILED at step 0 before it applied"
+    # A command that races with the end is stored ended, never PENDING forever.
+    late = store.add_control(ControlRecord("late", f.id, "SET_LR", 0.1))
+    assert late.status == "EXPIRED"
+
+
+def test_delivered_is_the_stored_prefix(store):
+    exp = running(store)
+    assert store.delivered(exp.id) == (0, 0)
+    steps = [s for s in range(300) if s not in (200, 250)]  # 3 whole blocks of 64, a gap at 200
+    store.add_metrics(exp.id, 1, "STEP", ["loss", "lr"], [(s, s // 100, 0.0, [1.0, 0.1]) for s in steps])
+    store.add_metrics(exp.id, 1, "EPOCH", ["val_top1"], [(100 * (e + 1), e, 0.0, [0.5]) for e in (0, 1, 3)])
+    assert store.delivered(exp.id) == (200, 2)
+    # A row exists when any metric is stored at that step: two series, each with gaps,
+    # that together cover step 200 (loss at even steps, lr at odd ones past 300).
+    store.add_metrics(exp.id, 1, "STEP", ["acc"], [(200, 2, 0.0, [0.3])])
+    assert store.delivered(exp.id)[0] == 250
+    store.add_metrics(exp.id, 1, "STEP", ["loss"], [(s, 3, 0.0, [1.0]) for s in range(250, 400, 2)])
+    store.add_metrics(exp.id, 1, "STEP", ["lr"], [(s, 3, 0.0, [1.0]) for s in range(301, 400, 2)])
+    assert store.delivered(exp.id) == (400, 2)
+    store.add_metrics(exp.id, 1, "EPOCH", ["val_top1", "x"], [(300, 2, 0.0, [0.5, NAN])])
+    assert store.delivered(exp.id) == (400, 4)
+    with pytest.raises(NotFound):
+        store.delivered(999)
+
+
+def test_store_id_is_made_once(store_url):
+    with open_store(store_url) as s:
+        first = s.store_id()
+    assert len(first) == 32 and int(first, 16) >= 0
+    with open_store(store_url) as s:
+        assert s.store_id() == first
+
+
+def test_upgrade_from_0002_keeps_commands_and_makes_a_store_id(store_url):
+    from alembic import command
+    from sqlalchemy import create_engine
+
+    from trainctl.server.store.migrate import alembic_config
+
+    command.upgrade(alembic_config(store_url), "0002")  # a database of the previous release
+    engine = create_engine(store_url.replace("postgresql://", "postgresql+psycopg://"))
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO experiments (id, name, state, spec, created_at, attempt, message, summary, last_step, "
+            "max_restarts, restarts, gpus) VALUES (1, 'old', 'RUNNING', '{}', 0, 1, '', '{}', 0, 3, 0, 0), "
+            "(2, 'old2', 'QUEUED', '{}', 0, 0, '', '{}', 0, 3, 0, 0)"))
+        conn.execute(text("INSERT INTO controls (command_id, experiment_id, kind, value, status, source, "
+                          "requested_at, message) VALUES ('c1', 1, 'SET_LR', 0.5, 'PENDING', 'LIVE', 1.0, '')"))
+    engine.dispose()
+    with open_store(store_url) as s:
+        assert len(s.store_id()) == 32
+        (c1,) = s.list_controls(1)
+        assert (c1.command_id, c1.kind, c1.value, c1.hold, c1.consequence) == ("c1", "SET_LR", 0.5, False, "")
+        assert s.add_control(ControlRecord("c1", 2, "SET_LR", 0.1)).experiment_id == 2  # scoped now
+
+
+def test_a_locked_database_is_store_unavailable(db_path, monkeypatch):
+    """A write lock held by another process (BEGIN EXCLUSIVE) past the busy timeout is
+    StoreUnavailable naming the method, with no driver text; reads go on (WAL); the
+    same call succeeds once the lock is gone."""
+    from trainctl.server.store import dialects
+    from trainctl.server.store.errors import StoreUnavailable
+
+    monkeypatch.setattr(dialects, "SQLITE_BUSY_TIMEOUT_MS", 100)
+    store = open_store(f"sqlite:///{db_path}")
+    exp = running(store)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreUnavailable) as err:
+            store.requeue(exp.id, 1, "lease expired")
+        assert str(err.value) == "the database is unavailable (requeue: database is locked); try again"
+        with pytest.raises(StoreUnavailable, match=r"\(add_metrics: database is locked\)"):
+            store.add_metrics(exp.id, 1, "STEP", ["loss"], [(0, 0, 0.0, [1.0])])
+        assert store.get_experiment(exp.id).state == "RUNNING"  # nothing changed; reads work
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert store.requeue(exp.id, 1, "lease expired").state == "QUEUED"
+    store.close()

@@ -10,6 +10,7 @@ without the training stack.
 """
 from __future__ import annotations
 
+import difflib
 import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from trainctl.workers.engine.losses.params import LossParams
 from trainctl.workers.engine.params import DataParams, ModelParams
 from trainctl.workers.engine.schedulers import ScheduleParams
+from trainctl.spec_checks import FLOAT_MAX, MAX_ERRORS, TooBig, raw_faults, range_faults, suggest_key, user_loc
 
 
 class _Strict(BaseModel):
@@ -100,6 +102,7 @@ class TrainParams(_Strict):
     # Cap on optimizer steps per epoch (0 = the whole dataset); handy for smoke runs.
     max_steps_per_epoch: int = Field(0, ge=0)
     checkpoint_every: int = Field(1, ge=0)        # epochs; 0 = never
+    keep_checkpoints: int = Field(0, ge=0, le=1000)  # newest kept after COMPLETED (0 = delete them)
     on_nonfinite: Literal["fail", "skip"] = "fail"
 
     def steps_per_epoch(self, train_batches: int, batch_size: int) -> int:
@@ -180,20 +183,26 @@ class SpecError(ValueError):
         super().__init__("; ".join(errors))
 
 
+# Stated ranges of live and scheduled commands: a value outside them is refused at
+# Submit/Control (INVALID_ARGUMENT), never sent to a run (`scale_lr 1e308` once
+# overflowed a run's LR to inf and killed it).
+CONTROL_RANGES: dict[str, tuple[float, float, bool]] = {  # verb: (low, high, low inclusive)
+    "set_lr": (0.0, 100.0, False),           # like optimizer.lr
+    "scale_lr": (0.0, 1000.0, False),
+    "set_lr_decay": (0.0, 1.0, False),
+    "set_ema_decay": (0.0, 1.0, False),
+    "set_weight_decay": (0.0, 1.0, True),    # 0 switches weight decay off
+}
+
+
 def check_control_value(verb: str, value: float) -> None:
-    """Range rules shared by spec entries and live Control calls."""
-    if value is None or not math.isfinite(value):
+    """Range rules shared by spec entries and live Control calls (ValueError naming the
+    verb, the value and the range)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{verb} must be a finite number, got {value}")
-    if verb == "set_weight_decay":  # 0 switches weight decay off
-        if not 0 <= value <= 1:
-            raise ValueError(f"{verb} must be in [0, 1], got {value}")
-        return
-    if value <= 0:
-        raise ValueError(f"{verb} must be > 0, got {value}")
-    if verb in ("set_lr_decay", "set_ema_decay") and value > 1:
-        raise ValueError(f"{verb} must be in (0, 1], got {value}")
-    if verb == "set_lr" and value > 100:
-        raise ValueError(f"set_lr must be <= 100, got {value}")
+    low, high, closed = CONTROL_RANGES.get(verb, (-FLOAT_MAX, FLOAT_MAX, True))
+    if value > high or value < low or (value == low and not closed):
+        raise ValueError(f"{verb} must be in {'[' if closed else '('}{low:g}, {high:g}], got {value:g}")
 
 
 _MESSAGES = {
@@ -207,43 +216,71 @@ _MESSAGES = {
 
 
 def _format_error(err: dict[str, Any]) -> str:
-    loc = list(err["loc"])
     kind = err["type"]
+    raw_loc = tuple(err["loc"])
     # pydantic puts the discriminator value into tagged-union paths
     # ("schedule.cosine.min_lr"); users wrote "schedule.min_lr".
-    if len(loc) >= 2 and loc[0] in _TAGGED and kind not in ("union_tag_invalid", "union_tag_not_found"):
-        del loc[1]
-    path = ".".join(str(p) for p in loc) or "spec"
+    path = ".".join(str(p) for p in user_loc(Spec, raw_loc)) or "spec"
     ctx = err.get("ctx", {})
     if kind == "union_tag_invalid":
-        return f"{path}.name: unknown {path} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
+        tags = [t.strip(" '") for t in str(ctx.get("expected_tags", "")).split(",")]
+        close = difflib.get_close_matches(str(ctx.get("tag")), tags, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return f"{path}.name: unknown {path} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}{hint}"
     if kind == "union_tag_not_found":
         return f"{path}.name: required"
     template = _MESSAGES.get(kind)
     nums = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in ctx.items()}
     msg = template.format(**nums) if template else err["msg"].removeprefix("Value error, ")
+    if kind == "extra_forbidden" and raw_loc:
+        msg += suggest_key(Spec, raw_loc[:-1], str(raw_loc[-1]))
     if msg.startswith((f"{path}.", f"{path}:")):  # a model validator that names its own field
         return msg
     inp = err.get("input")
     if kind not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)):
-        msg += f", got {inp!r}"
+        msg += f", got {_short(inp)}"
     return f"{path}: {msg}"
 
 
-_TAGGED = ("schedule", "loss")
+def _short(value: Any) -> str:
+    """repr of a bad value, cut so an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def parse_spec(data: Any, *, check_model: bool = True) -> Spec:
-    """Validate a spec given as a dict (from YAML, JSON or a protobuf Struct)."""
+    """Validate a spec given as a dict (from YAML, JSON or a protobuf Struct).
+
+    Every fault is reported at once (SpecError.errors): size and range faults, pydantic's,
+    and an unknown model name alongside the others."""
     if not isinstance(data, dict):
         raise SpecError([f"spec: must be a mapping, got {type(data).__name__}"])
     try:
+        faults = [f"{path}: {problem}" for path, problem in raw_faults(data)]
+    except TooBig as exc:
+        raise SpecError([str(exc)]) from None
+    flagged = {line.split(": ", 1)[0] for line in faults}
+    spec = None
+    try:
         spec = Spec.model_validate(_ints_from_floats(data))
     except ValidationError as exc:
-        raise SpecError(_dedupe([_format_error(e) for e in exc.errors()])) from None
+        # A path already flagged above (an inf that pydantic's ge=0 let through, or
+        # rejected again as "got nan") is reported once.
+        faults += [line for line in map(_format_error, exc.errors()) if not _flagged(line, flagged)]
+    if spec is not None:
+        faults += [f"{path}: {problem}" for path, problem in range_faults(spec)]
     if check_model:
-        _check_model_name(spec)
+        name = data.get("model", {}).get("name") if isinstance(data.get("model"), dict) else None
+        if isinstance(name, str) and name and not any(line.startswith("model.name:") for line in faults):
+            faults += _model_name_faults(name)
+    if faults:
+        raise SpecError(_dedupe(faults)[:MAX_ERRORS])
     return spec
+
+
+def _flagged(line: str, flagged: set[str]) -> bool:
+    path = line.split(": ", 1)[0]
+    return path in flagged or ("finite" in line and any(f.startswith(path + ".") for f in flagged))
 
 
 def _dedupe(lines: list[str]) -> list[str]:
@@ -262,13 +299,14 @@ def _ints_from_floats(value: Any) -> Any:
     return value
 
 
-def _check_model_name(spec: Spec) -> None:
+def _model_name_faults(name: str) -> list[str]:
     from trainctl.workers.engine.models import known_model, suggest_models
 
-    if not known_model(spec.model.name):
-        hint = suggest_models(spec.model.name)
-        extra = f"; did you mean {', '.join(hint)}?" if hint else ""
-        raise SpecError([f"model.name: unknown timm model {spec.model.name!r}{extra}"])
+    if known_model(name):
+        return []
+    hint = suggest_models(name)
+    extra = f"; did you mean {', '.join(hint)}?" if hint else ""
+    return [f"model.name: unknown timm model {name!r}{extra}"]
 
 
 def load_spec_file(path: str | Path) -> dict[str, Any]:

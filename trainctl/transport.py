@@ -44,3 +44,17 @@ def open_channel(address: str, extra_options: tuple = ()) -> grpc.Channel:
 
 def auth_metadata(token: Optional[str]) -> Optional[tuple]:
     return (("authorization", f"Bearer {token}"),) if token else None
+
+
+def tls_hint(code: str, details: str) -> str:
+    """A hint to append to an UNAVAILABLE error when the channel is plaintext: a TLS
+    server closes a plaintext connection during the handshake, and gRPC says only
+    "Socket closed" (or "failed to connect")."""
+    if code != "UNAVAILABLE" or os.environ.get("TRAINCTL_TLS_CA"):
+        return ""
+    if not any(m in details.lower() for m in _CLOSED_MARKERS):
+        return ""  # e.g. "connection refused": nothing listens, TLS or not
+    return " (the server closed a plaintext connection: it may require TLS; set TRAINCTL_TLS_CA to its CA certificate)"
+
+
+_CLOSED_MARKERS = ("socket closed", "connection reset", "handshake", "broken pipe", "end of file", "eof")

@@ -29,7 +29,35 @@ def _plain(v):
     return v
 
 
+# SET_KNOB names its target (a knob the run declared), so it is no spec verb: a spec
+# schedules values the engine knows; it is a wire verb all the same.
+KNOB_VERB = pb.ControlKind.Name(pb.SET_KNOB).lower()
+WIRE_VERBS: tuple[str, ...] = (*CONTROL_VERBS, KNOB_VERB)
+
+
 def verb_of(kind: int) -> Optional[str]:
-    """The spec verb of a wire `ControlKind` (SET_LR -> "set_lr"), None if unknown."""
+    """The verb of a wire `ControlKind` (SET_LR -> "set_lr", SET_KNOB -> "set_knob"),
+    None if unknown."""
     verb = pb.ControlKind.Name(kind).lower() if kind in pb.ControlKind.values() else ""
-    return verb if verb in CONTROL_VERBS else None
+    return verb if verb in WIRE_VERBS else None
+
+
+def largest_field(s: struct_pb2.Struct) -> tuple[str, int]:
+    """(dotted path, serialized bytes) of the biggest leaf in a Struct, found by following
+    the biggest value down (protobuf's C++ ByteSize, no conversion to Python): what an
+    oversized spec's error names."""
+    path: list[str] = []
+    node: struct_pb2.Value | None = None
+    fields = s.fields
+    size = s.ByteSize()
+    while fields is not None:
+        items = list(fields.items()) if hasattr(fields, "items") else list(enumerate(fields))
+        if not items:
+            break
+        key, node = max(items, key=lambda kv: kv[1].ByteSize())
+        path.append(str(key))
+        size = node.ByteSize()
+        kind = node.WhichOneof("kind")
+        fields = node.struct_value.fields if kind == "struct_value" else \
+            node.list_value.values if kind == "list_value" else None
+    return ".".join(path) or "spec", size

@@ -5,6 +5,16 @@ runner.py: the loop must not share a GIL with the gRPC threads) and relays betwe
 it and the outbox; a receiver thread reads the server's messages (assignments,
 control, cancel, acks) and reconnects with backoff when the stream breaks; gRPC's own
 thread drains the `Outbox` into the stream.
+
+Start-up connects first: the stream opens (so a refused token ends the worker in about
+a second) while the forkserver imports torch; the hello, which lists the devices, goes
+out once they are known.
+
+Checkpoints live in `<workdir>/<store_id>/exp-<id>/` (engine/checkpoint.py): one
+namespace per store and experiment, so a fresh database reusing id 1 never resumes
+another experiment 1. A fenced attempt (CancelRun.kind STOP_FENCED) is killed at once,
+its unsent data dropped and its checkpoints removed: it may have trained past what
+the store holds.
 """
 from __future__ import annotations
 
@@ -26,8 +36,10 @@ from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.wire import dict_from_struct, verb_of
+from trainctl.workers.dataroots import check_spec, resolve_roots
+from trainctl.workers.engine.checkpoint import checkpoint_dir, drop_stale_temps, forget_attempt, prune
 from trainctl.workers.runner import ForwardingInbox, failure_reason, run_in_process, warm_up
-from trainctl.workers.shipper import Outbox
+from trainctl.outbox import Outbox
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +50,20 @@ class _Run:
         self.attempt = assignment.attempt
         self.inbox = inbox
         self.step = 0
+        self.fenced = False
+        self.started = False  # RUNNING sent (once the run process has built and resumed)
+        self.notes: list[str] = []  # shown as the RUNNING state's message
 
 
 class Agent:
     def __init__(self, server: str, *, worker_id: Optional[str] = None, workdir: str = "runs",
-                 max_runs: int = 0, token: Optional[str] = None):
+                 max_runs: int = 0, token: Optional[str] = None, data_roots: Optional[list[str]] = None):
         self.server = server
         self.token = token
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.workdir = Path(workdir)
         self.max_runs = max_runs
+        self.data_roots = resolve_roots(data_roots)
         self.outbox = Outbox(spill_path=self.workdir / f"spill-{self.worker_id}.bin")
         self.assignments: "queue.Queue[pb.Assignment]" = queue.Queue()
         self.stopping = threading.Event()
@@ -55,12 +71,28 @@ class Agent:
         self.current: Optional[_Run] = None
         self._lock = threading.Lock()
         # Asked of a fork of the forkserver (which imports torch once for every run):
-        # the agent itself never imports torch.
-        self._devices = [pb.Device(**d) for d in warm_up()]
+        # the agent itself never imports torch. Filled by `_warm_up` while the stream opens.
+        self._devices: list[pb.Device] = []
+        self._ready = threading.Event()
+        self._warm_error: Optional[BaseException] = None
+        self._connected_once = False
         self.exit_code = 0
+
+    def _warm_up(self) -> None:
+        try:
+            self._devices = [pb.Device(**d) for d in warm_up()]
+            log.info("worker %s ready: torch loaded, devices %s", self.worker_id,
+                     ", ".join(f"{d.kind}:{d.index} {d.name}" for d in self._devices))
+        except BaseException as exc:  # reported by run()
+            self._warm_error = exc
+        finally:
+            self._ready.set()
 
     # ------------------------------------------------------------------ connection
     def _hello(self) -> pb.WorkerMessage:
+        while not self._ready.wait(0.1):  # the call is open meanwhile: a bad token shows now
+            if self.stopping.is_set():
+                break
         hello = pb.Hello(worker_id=self.worker_id, hostname=socket.gethostname(), devices=self._devices,
                          version="0.1.0")
         run = self.current
@@ -81,7 +113,7 @@ class Agent:
             channel = open_channel(self.server, (("grpc.keepalive_time_ms", 10_000),))
             try:
                 stub = pb_grpc.WorkersStub(channel)
-                responses = stub.Connect(self.outbox.stream(self._hello(), self._heartbeat,
+                responses = stub.Connect(self.outbox.stream(self._hello, self._heartbeat,
                                                             self.heartbeat_interval, stream_stop),
                                          metadata=auth_metadata(self.token))
                 for msg in responses:
@@ -110,6 +142,10 @@ class Agent:
         kind = msg.WhichOneof("msg")
         if kind == "welcome":
             self.heartbeat_interval = msg.welcome.heartbeat_interval_s or self.heartbeat_interval
+            log.info("worker %s %s to %s (lease %.1f s)", self.worker_id,
+                     "reconnected" if self._connected_once else "connected", self.server,
+                     msg.welcome.lease_timeout_s)
+            self._connected_once = True
         elif kind == "assignment":
             self.assignments.put(msg.assignment)
         elif kind == "batch_ack":
@@ -118,24 +154,34 @@ class Agent:
         elif kind in ("control", "cancel"):
             body = getattr(msg, kind)
             run = self.current
+            fenced = kind == "cancel" and body.kind == pb.STOP_FENCED
+            if fenced:  # first, so nothing more of it leaves, whichever run it is
+                self.outbox.forget(body.experiment_id, body.attempt)
             if run is None or (run.experiment_id, run.attempt) != (body.experiment_id, body.attempt):
-                if kind == "cancel":
-                    self.outbox.forget(body.experiment_id, body.attempt)
                 return
             if kind == "control":
-                run.inbox.put(Command(body.command_id, verb_of(body.kind) or "?", body.value))
+                run.inbox.put(Command(body.command_id, verb_of(body.kind) or "?", body.value, hold=body.hold))
+            elif fenced:
+                log.warning("experiment %d attempt %d fenced by the server: stopping it now (%s)",
+                            body.experiment_id, body.attempt, body.reason)
+                run.fenced = True
+                run.inbox.fence(body.reason)
             else:
-                if "fenced" in body.reason:
-                    log.warning("experiment %d attempt %d fenced by the server; dropping it: %s",
-                                body.experiment_id, body.attempt, body.reason)
-                    self.outbox.forget(body.experiment_id, body.attempt)
                 run.inbox.cancel(body.reason)
 
     # ------------------------------------------------------------------ running
     def run(self) -> int:
         receiver = threading.Thread(target=self._receive_forever, name="receiver", daemon=True)
         receiver.start()
-        log.info("worker %s -> %s", self.worker_id, self.server)
+        threading.Thread(target=self._warm_up, name="warm-up", daemon=True).start()
+        log.info("worker %s starting: server %s, workdir %s, data roots %s", self.worker_id, self.server,
+                 self.workdir, ", ".join(self.data_roots))
+        while not self._ready.wait(0.1):
+            if self.stopping.is_set():  # refused by the server: no need to wait for torch
+                return self.exit_code
+        if self._warm_error is not None:
+            self.stopping.set()
+            raise self._warm_error
         done = 0
         while not self.stopping.is_set():
             try:
@@ -165,50 +211,72 @@ class Agent:
 
     def _train(self, a: pb.Assignment) -> None:
         from trainctl.spec import SpecError, parse_spec
-        from trainctl.workers.engine.context import Ack, Cancelled, TrainingContext, TrainingError
+        from trainctl.workers.engine.context import Ack, Cancelled, Lineage, TrainingContext, TrainingError
 
         def send_ack(ack: Ack) -> None:
             self.outbox.send(pb.WorkerMessage(ack=pb.ControlAck(
                 experiment_id=a.experiment_id, attempt=a.attempt, command_id=ack.command_id, ok=ack.ok,
                 applied_step=ack.applied_step, old_value=ack.old_value, new_value=ack.new_value,
-                message=ack.message)), sticky=True)
+                message=ack.message, consequence=ack.consequence)), sticky=True)
 
         inbox = ForwardingInbox(scheduled=_scheduled_commands(a), on_ack=send_ack)
         for cmd in _live_commands(a):
             inbox.put(cmd)
         run = _Run(a, inbox)
         self.current = run
-        self._state(run, pb.RUNNING)
-        log.info("experiment %d attempt %d: %s", a.experiment_id, a.attempt, a.name)
+        ids = f"experiment {a.experiment_id} attempt {a.attempt}"
+        ckdir = checkpoint_dir(self.workdir, a.store_id, a.experiment_id)
+        log.info("%s started: %r (checkpoints in %s; the server holds %d steps, %d epochs)", ids, a.name, ckdir,
+                 a.delivered_steps, a.delivered_epochs)
 
         def progress(step: int) -> None:
             run.step = step
+            if not run.started:  # the first progress comes once the run is built and resumed
+                run.started = True
+                self._state(run, pb.RUNNING, message="; ".join(run.notes))
 
-        ctx = TrainingContext(inbox=inbox,
-                              checkpoint_dir=str(self.workdir / f"exp-{a.experiment_id}"), on_progress=progress)
+        def note(text: str) -> None:  # resumed from / a corrupt checkpoint set aside
+            log.info("%s: %s", ids, text)
+            run.notes.append(text)
+
+        lineage = Lineage(store_id=a.store_id, experiment_id=a.experiment_id, attempt=a.attempt,
+                          delivered_steps=a.delivered_steps, delivered_epochs=a.delivered_epochs)
+        ctx = TrainingContext(inbox=inbox, checkpoint_dir=str(ckdir), lineage=lineage, on_progress=progress,
+                              on_note=note)
+
         def on_rows(rows: list[tuple]) -> None:  # batches from the run process (or DDP rank 0)
             self.outbox.add_rows(a.experiment_id, a.attempt, rows)
 
         try:
             spec = parse_spec(dict_from_struct(a.spec), check_model=False)
+            check_spec(spec, self.data_roots)  # before anything opens a file the spec names
             if spec.resources.nproc > 1 or spec.resources.nnodes > 1:
                 from trainctl.workers.ddp import run_ddp  # ranks via torch's elastic launcher
 
                 summary = run_ddp(spec, ctx, on_rows=on_rows)  # rank 0 bridged to this ctx and on_rows
             else:
                 summary = run_in_process(spec, ctx, on_rows)
+            if run.fenced:
+                raise Cancelled(inbox.cancel_reason)
             self._state(run, pb.COMPLETED, summary=summary.as_dict())
-            log.info("experiment %d completed: val_top1 %.4f", a.experiment_id, summary.val_top1)
+            drop_stale_temps(ckdir)
+            prune(ckdir, spec.train.keep_checkpoints)  # train.keep_checkpoints: 0 = none kept
+            log.info("%s completed: %d steps, val_top1 %.4f", ids, summary.steps, summary.val_top1)
         except Cancelled as exc:
-            if self.stopping.is_set():  # SIGTERM: hand the run back, it resumes elsewhere
+            if run.fenced:  # its process is gone; what it wrote may be past what the store holds
+                gone = forget_attempt(ckdir, a.attempt)
+                log.warning("%s fenced: stopped, unsent metrics dropped, %d checkpoint(s) removed", ids, len(gone))
+            elif self.stopping.is_set():  # SIGTERM: hand the run back, it resumes elsewhere
                 self._state(run, pb.QUEUED, message=f"worker {self.worker_id} stopped; handed back")
+                log.info("%s handed back: worker stopping", ids)
             else:
                 self._state(run, pb.CANCELLED, message=str(exc))
+                log.info("%s cancelled: %s", ids, exc)
         except (TrainingError, SpecError, ValueError, FileNotFoundError) as exc:
-            log.warning("experiment %d failed: %s", a.experiment_id, exc)
+            log.warning("%s failed: %s", ids, exc)
             self._state(run, pb.FAILED, message=str(exc))
         except Exception as exc:  # a bug or a runtime error (OOM, ...): still a clean FAILED
-            log.error("experiment %d crashed:\n%s", a.experiment_id, traceback.format_exc())
+            log.error("%s crashed:\n%s", ids, traceback.format_exc())
             self._state(run, pb.FAILED, message=failure_reason(exc))
         finally:
             self.current = None
@@ -227,17 +295,20 @@ def _scheduled_commands(a: pb.Assignment):
     # attempt: each is re-applied at its step so a resumed run rebuilds the same state.
     out = []
     for c in a.controls:
-        step = c.applied_step if c.status == pb.APPLIED else c.at_step
+        if c.status == pb.APPLIED:
+            step = c.applied_step
+        else:
+            step = c.at_step if c.HasField("at_step") else -1
         if step >= 0:
-            out.append(Command(c.command_id, verb_of(c.kind), c.value, at_step=step))
+            out.append(Command(c.command_id, verb_of(c.kind), c.value, at_step=step, hold=c.hold))
     return out
 
 
 def _live_commands(a: pb.Assignment):
     from trainctl.workers.engine.context import Command
 
-    return [Command(c.command_id, verb_of(c.kind), c.value)
-            for c in a.controls if c.status == pb.PENDING and c.at_step < 0]
+    return [Command(c.command_id, verb_of(c.kind), c.value, hold=c.hold)
+            for c in a.controls if c.status == pb.PENDING and not (c.HasField("at_step") and c.at_step >= 0)]
 
 
 def run_worker(server: str, **kwargs) -> int:

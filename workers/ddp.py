@@ -99,7 +99,8 @@ def run_ddp(spec, ctx, *, on_rows: Optional[Callable[[list[tuple]], None]] = Non
     def launch() -> None:
         try:
             outcome["ranks"] = elastic_launch(config, _rank_main)(
-                spec.to_dict(), ctx.checkpoint_dir, waiting, up, down, trace_dir or os.environ.get(TRACE_ENV))
+                spec.to_dict(), ctx.checkpoint_dir, waiting, up, down, trace_dir or os.environ.get(TRACE_ENV),
+                ctx.lineage)
         except BaseException as exc:  # ChildFailedError, rendezvous errors
             outcome["error"] = exc
 
@@ -146,6 +147,8 @@ def _pump(ctx, up, down, on_rows) -> None:
                     ctx.inbox.ack(msg[1])
                 elif msg[0] == "progress":
                     ctx.on_progress(msg[1])
+                elif msg[0] == "note":
+                    ctx.on_note(msg[1])
             for cmd in ctx.inbox.due(sys.maxsize):
                 down.put(("cmd", cmd))
             if ctx.inbox.cancelled and not cancel_sent:
@@ -191,8 +194,10 @@ def _exit_with_parent() -> None:
 
 
 def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, up, down,
-               trace_dir: Optional[str] = None):
-    """The elastic launcher's entrypoint, run in every rank."""
+               trace_dir: Optional[str] = None, lineage=None):
+    """The elastic launcher's entrypoint, run in every rank. Every rank picks its resume
+    checkpoint with the same `lineage` (None on the other nodes of a multi-node run,
+    which then need the same directory contents; the loop checks that ranks agree)."""
     import torch
 
     from trainctl.spec import parse_spec
@@ -212,14 +217,15 @@ def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, u
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     rank = RankContext.start(device, trace_dir=trace_dir)
     try:
-        ctx = TrainingContext(checkpoint_dir=checkpoint_dir)
+        ctx = TrainingContext(checkpoint_dir=checkpoint_dir, lineage=lineage)
         if rank.is_main and up is not None:
             inbox = ControlInbox(on_ack=lambda ack: up.put(("ack", ack)))
             for cmd in commands:
                 inbox.put(cmd)
             threading.Thread(target=_receive, args=(down, inbox), name="ddp-inbox", daemon=True).start()
             ctx = TrainingContext(sink=BatchingSink(up.put), inbox=inbox, checkpoint_dir=checkpoint_dir,
-                                  on_progress=lambda step: up.put(("progress", step)))
+                                  lineage=lineage, on_progress=lambda step: up.put(("progress", step)),
+                                  on_note=lambda text: up.put(("note", text)))
         try:
             summary = Trainer(spec, ctx, dist=rank).run()
         except Cancelled as exc:

@@ -14,7 +14,7 @@ the kernel's OOM killer) fails that run with the reason; the agent goes on to th
 
 Pipe messages, one pickled tuple each:
   run -> agent  ("rows", [(scope, step, epoch, wall_time, values), ...]), ("ack", Ack),
-                ("progress", step), ("done", outcome, payload)
+                ("progress", step), ("note", text), ("done", outcome, payload)
   agent -> run  ("control", Command), ("cancel", reason), ("ping",)
 outcome is "completed" (payload: Summary.as_dict()), "cancelled" or "failed" (a reason).
 """
@@ -60,7 +60,8 @@ def warm_up() -> list[dict]:
     wait for them); returns this host's devices, asked of a fork of it."""
     mp = forkserver()
     here, there = mp.Pipe()
-    p = mp.Process(target=_report_devices, args=(there,), name="trainctl-devices")
+    # daemon: a worker refused by the server exits at once instead of waiting for it
+    p = mp.Process(target=_report_devices, args=(there,), name="trainctl-devices", daemon=True)
     p.start()
     there.close()
     try:
@@ -97,6 +98,18 @@ class ForwardingInbox(ControlInbox):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._send: Optional[Callable[[tuple], None]] = None
+        self.fenced = False
+        self.kill: Optional[Callable[[], None]] = None  # set by run_in_process once its process runs
+
+    def fence(self, reason: str) -> None:
+        """The server gave this attempt to someone else: stop it now, not at the next
+        step boundary (an epoch end there would write a checkpoint of work that is no
+        longer this attempt's to deliver). DDP ranks, which have no `kill`, are cancelled."""
+        self.fenced = True
+        self.cancel(reason)
+        kill = self.kill
+        if kill is not None:
+            kill()
 
     def attach(self, send: Callable[[tuple], None]) -> list[Command]:
         """From now on forward live commands with `send`; returns what waited so far."""
@@ -129,16 +142,21 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[tuple]], 
                 pass  # the run process is gone; its exit is reported below
 
     waiting = ctx.inbox.attach(send)
-    proc = mp.Process(target=_run_main, args=(there, spec.to_dict(), waiting, ctx.checkpoint_dir),
+    proc = mp.Process(target=_run_main, args=(there, spec.to_dict(), waiting, ctx.checkpoint_dir, ctx.lineage),
                       name="trainctl-run")
     proc.start()
     there.close()
+    fenced = lambda: getattr(ctx.inbox, "fenced", False)  # noqa: E731
+    if hasattr(ctx.inbox, "kill"):
+        ctx.inbox.kill = proc.kill
+    if fenced():  # fenced while it started
+        proc.kill()
     cancel_sent = False
     outcome = None
     ended = False  # its end of the pipe closed: it exited or is dying
     pinged = 0.0
     try:
-        while outcome is None:
+        while outcome is None and not fenced():
             if ctx.inbox.cancelled and not cancel_sent:  # set by SIGTERM or the server
                 send(("cancel", ctx.inbox.cancel_reason))
                 cancel_sent = True
@@ -153,22 +171,30 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[tuple]], 
                 ended = True
                 break
             kind = msg[0]
+            if fenced():
+                break  # nothing more of it is delivered
             if kind == "rows":
                 on_rows(msg[1])
             elif kind == "ack":
                 ctx.inbox.ack(msg[1])
             elif kind == "progress":
                 ctx.on_progress(msg[1])
+            elif kind == "note":
+                ctx.on_note(msg[1])
             elif kind == "done":
                 outcome = msg[1:]
     finally:
         # Done or dying: let it exit (its exit code names the signal). Anything else is
         # an error on this side, leaving through here: do not leave it training.
-        proc.join(10 if outcome is not None or ended else 0)
+        proc.join(10 if (outcome is not None or ended) and not fenced() else 0)
         if proc.is_alive():
             proc.kill()
             proc.join()
+        if hasattr(ctx.inbox, "kill"):
+            ctx.inbox.kill = None
         here.close()
+    if fenced():
+        raise Cancelled(ctx.inbox.cancel_reason)
     if outcome is None:
         raise TrainingError(f"the training process died: {_exit_text(proc.exitcode)}")
     kind, payload = outcome
@@ -222,6 +248,7 @@ class PipeInbox(ControlInbox):
         super().__init__(**kwargs)
         self.conn = conn
         self.heard_at = time.monotonic()
+        self.gone = False
 
     def _receive(self) -> None:
         try:
@@ -240,6 +267,7 @@ class PipeInbox(ControlInbox):
                 self._receive()
         except (EOFError, OSError):
             # The agent is gone (killed): stop rather than train on with nobody listening.
+            self.gone = True
             self.cancel("the worker agent went away")
 
     def due(self, step: int) -> list[Command]:
@@ -251,6 +279,11 @@ class PipeInbox(ControlInbox):
         if not super().cancelled:
             self._receive()
         return super().cancelled
+
+    def orphaned(self) -> bool:
+        if not self.gone:
+            self._receive()
+        return self.gone
 
 
 def _send(conn, msg: tuple) -> None:
@@ -280,7 +313,8 @@ def tune_malloc() -> None:
     libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
-def _run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Optional[str]) -> None:
+def _run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Optional[str],
+              lineage=None) -> None:
     from trainctl.spec import SpecError, parse_spec
     from trainctl.workers.engine.loop import Cancelled, Trainer, TrainingError
 
@@ -295,8 +329,9 @@ def _run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Op
     for cmd in commands:  # scheduled ones keep their at_step, live ones apply at once
         inbox.put(cmd)
     sink = BatchingSink(lambda msg: _send(conn, msg))
-    ctx = TrainingContext(sink=sink, inbox=inbox, checkpoint_dir=checkpoint_dir,
-                          on_progress=lambda step: _send(conn, ("progress", step)))
+    ctx = TrainingContext(sink=sink, inbox=inbox, checkpoint_dir=checkpoint_dir, lineage=lineage,
+                          on_progress=lambda step: _send(conn, ("progress", step)),
+                          on_note=lambda text: _send(conn, ("note", text)))
     try:
         summary = Trainer(parse_spec(spec_dict, check_model=False), ctx).run()
         outcome = ("completed", summary.as_dict())

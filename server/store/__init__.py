@@ -21,7 +21,15 @@ from .entities import (
     MetricSeries,
     Worker,
 )
-from .errors import InvalidTransition, NotFound, SchemaTooNew, StaleAttempt, StoreError
+from .errors import (
+    AlreadyExists,
+    InvalidTransition,
+    NotFound,
+    SchemaTooNew,
+    StaleAttempt,
+    StoreError,
+    StoreUnavailable,
+)
 from .sqlalchemy_store import SqlAlchemyStore
 
 
@@ -57,4 +65,6 @@ __all__ = [
     "StaleAttempt",
     "InvalidTransition",
     "SchemaTooNew",
+    "AlreadyExists",
+    "StoreUnavailable",
 ]

@@ -16,7 +16,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 
-from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
+from .entities import ControlRecord, Experiment, Knob, MetricRow, MetricSeries, Worker
 
 
 class AbstractStore(ABC):
@@ -39,8 +39,18 @@ class AbstractStore(ABC):
         """The experiment `id`; NotFound if there is none."""
 
     @abstractmethod
-    def list_experiments(self, states: Sequence[str] | None = None, limit: int = 100) -> list[Experiment]:
-        """Up to `limit` experiments, newest first, optionally only those in `states`."""
+    def list_experiments(self, states: Sequence[str] | None = None, limit: int = 100, *,
+                         tags: Sequence[str] | None = None, before_id: int | None = None) -> list[Experiment]:
+        """Up to `limit` experiments, newest first, optionally only those in `states`
+        and only those carrying every one of `tags`. `before_id` pages by key: only
+        ids < before_id (pass the last id of the previous page)."""
+
+    @abstractmethod
+    def annotate(self, id: int, *, add_tags: Sequence[str] = (), remove_tags: Sequence[str] = (),
+                 note: str | None = None) -> Experiment:
+        """Add and remove tags (a tag both added and removed is removed) and, unless
+        `note` is None, replace the note. NotFound; ValueError naming the field for a
+        bad tag, too many tags or too long a note (see `tags.py`)."""
 
     @abstractmethod
     def claim_next(self, worker_id: str, free_gpus: int) -> Experiment | None:
@@ -85,6 +95,10 @@ class AbstractStore(ABC):
 
         worker_id is kept so the server knows whom to tell to stop.
         """
+
+    # Whenever transition, requeue (giving up) or cancel makes an experiment final, its
+    # PENDING commands end EXPIRED with the reason in the same transaction; the caller
+    # finds them with list_controls(id, status=EXPIRED) (only a run's end expires any).
 
     # ---------------------------------------------------------------- metrics
 
@@ -148,6 +162,12 @@ class AbstractStore(ABC):
             out.append(s)
         return out, total
 
+    def wall_times(self, id: int, steps: Sequence[int]) -> dict[int, float]:
+        """{step: wall_time} of the STEP rows at `steps` (at most 5,000 of them): anchors
+        for a wall-time axis under a downsampled series. This default reads the rows."""
+        want = set(steps)
+        return {r.step: r.wall_time for r in self.metric_rows(id, scope="STEP") if r.step in want}
+
     @abstractmethod
     def count_metrics(self, id: int) -> int:
         """Number of points stored for the experiment."""
@@ -167,11 +187,15 @@ class AbstractStore(ABC):
 
     @abstractmethod
     def add_control(self, record: ControlRecord) -> ControlRecord:
-        """Persist a command; if `record.command_id` exists already, return the stored one."""
+        """Persist a command. Its key is (experiment_id, command_id): if it exists with the
+        same kind, value and hold, return the stored record (an idempotent retry); with
+        other content raise AlreadyExists. A PENDING command for an experiment already
+        final is stored EXPIRED. NotFound if the experiment does not exist."""
 
     @abstractmethod
     def resolve_control(
         self,
+        experiment_id: int,
         command_id: str,
         *,
         status: str,
@@ -180,8 +204,10 @@ class AbstractStore(ABC):
         new_value: float | None = None,
         message: str = "",
         applied_at: float | None = None,
+        consequence: str = "",
     ) -> ControlRecord:
-        """Record the worker's answer to a PENDING command (applied_at defaults to now).
+        """Record the worker's answer to a PENDING command of `experiment_id` (applied_at
+        defaults to now); NotFound if that experiment has no such command.
 
         A command already resolved is returned unchanged: the first answer is the
         audited one, a duplicate ack must not rewrite it.
@@ -193,6 +219,44 @@ class AbstractStore(ABC):
 
         Commands with neither (LIVE and still PENDING) come last.
         """
+
+    # ---------------------------------------------------------------- attached runs and knobs
+    # (SqlAlchemyStore: store/knobs.py). Not abstract, so other stores need not have them.
+
+    def create_attached(self, name: str, config: dict, *, session_suffix: str, run_token_hash: str,
+                        tags: Sequence[str] = (), replay_of: int | None = None) -> Experiment:
+        """A new ATTACHED experiment, directly ASSIGNED (attempt 1) to the session
+        "attached-<id>-<session_suffix>". claim_next never returns an ATTACHED run, and
+        requeue ends one FAILED (no worker can run the user's process instead)."""
+        raise NotImplementedError
+
+    def declare_knobs(self, experiment_id: int, attempt: int, knobs: Sequence[Knob]) -> list[Knob]:
+        """Store the run's knob declarations (fenced like add_metrics); all its knobs."""
+        raise NotImplementedError
+
+    def set_knob_value(self, experiment_id: int, name: str, value: float) -> Knob:
+        """An APPLIED SET_KNOB: the knob's current value; NotFound for an unknown knob."""
+        raise NotImplementedError
+
+    def list_knobs(self, experiment_id: int) -> list[Knob]:
+        """The run's declared knobs ordered by name."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- lineage and counts
+
+    @abstractmethod
+    def store_id(self) -> str:
+        """A random id made once when the database was created: names this store in
+        checkpoint lineage (a fresh database never resumes another's checkpoints)."""
+
+    @abstractmethod
+    def delivered(self, experiment_id: int) -> tuple[int, int]:
+        """(steps, epochs): every STEP row 0..steps-1 and every EPOCH row of epoch index
+        0..epochs-1 is stored (the contiguous prefixes). Cheap on long runs."""
+
+    @abstractmethod
+    def count_by_state(self) -> dict[str, int]:
+        """Number of experiments per state (states with none are absent)."""
 
     # ---------------------------------------------------------------- workers
 

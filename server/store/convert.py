@@ -24,6 +24,10 @@ def experiment(row: ExperimentModel) -> Experiment:
         restarts=row.restarts,
         gpus=row.gpus,
         replay_of=row.replay_of,
+        tags=tuple(t.tag for t in row.tag_rows),
+        note=row.note or "",
+        kind=row.kind or "SPEC",
+        run_token_hash=row.run_token_hash,
     )
 
 
@@ -42,6 +46,9 @@ def control(row: ControlModel) -> ControlRecord:
         new_value=row.new_value,
         message=row.message,
         at_step=row.at_step,
+        consequence=row.consequence or "",
+        hold=bool(row.hold),
+        knob=row.knob or "",
     )
 
 

@@ -40,17 +40,29 @@ SCALE_LR = "SCALE_LR"
 SET_LR_DECAY = "SET_LR_DECAY"
 SET_EMA_DECAY = "SET_EMA_DECAY"
 SET_WEIGHT_DECAY = "SET_WEIGHT_DECAY"
-CONTROL_KINDS = (SET_LR, SCALE_LR, SET_LR_DECAY, SET_EMA_DECAY, SET_WEIGHT_DECAY)
+SET_KNOB = "SET_KNOB"  # a knob the run declared, named by ControlRecord.knob
+CONTROL_KINDS = (SET_LR, SCALE_LR, SET_LR_DECAY, SET_EMA_DECAY, SET_WEIGHT_DECAY, SET_KNOB)
+
+# -- experiment kinds (proto ExperimentKind names) ----------------------------------
+
+SPEC = "SPEC"
+ATTACHED = "ATTACHED"  # the user's own loop through the SDK: never dispatched to a worker
+CODE = "CODE"
+EXPERIMENT_KINDS = (SPEC, ATTACHED, CODE)
 
 PENDING = "PENDING"
 APPLIED = "APPLIED"
 REJECTED = "REJECTED"
-CONTROL_STATUSES = (PENDING, APPLIED, REJECTED)
+EXPIRED = "EXPIRED"  # the run ended (or its step never came) before the command applied
+CONTROL_STATUSES = (PENDING, APPLIED, REJECTED, EXPIRED)
+# Every command ends in one of these, never PENDING forever (see SqlAlchemyStore).
+CONTROL_FINAL_STATUSES = frozenset({APPLIED, REJECTED, EXPIRED})
 
 LIVE = "LIVE"
 SCHEDULED = "SCHEDULED"
 REPLAYED = "REPLAYED"
-CONTROL_SOURCES = (LIVE, SCHEDULED, REPLAYED)
+CONSOLE = "CONSOLE"  # sent from the web console
+CONTROL_SOURCES = (LIVE, SCHEDULED, REPLAYED, CONSOLE)
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,10 @@ class Experiment:
     restarts: int
     gpus: int
     replay_of: int | None
+    tags: tuple[str, ...] = ()  # sorted
+    note: str = ""
+    kind: str = SPEC
+    run_token_hash: str | None = None  # ATTACHED: sha256 hex of the session's run token
 
     @property
     def is_final(self) -> bool:
@@ -95,6 +111,22 @@ class ControlRecord:
     message: str = ""
     # SCHEDULED/REPLAYED commands must be applied exactly at this step; None for LIVE.
     at_step: int | None = None
+    # What the command means ahead, in words (from the worker's ack).
+    consequence: str = ""
+    # SET_LR/SCALE_LR: the LR stays at the value from then on (part of the command's
+    # identity: a retry with another hold is another command).
+    hold: bool = False
+    knob: str = ""  # SET_KNOB: the knob's name (part of the command's identity)
+
+
+@dataclass(frozen=True)
+class Knob:
+    """A float a run declared steerable, with its current value and optional bounds."""
+
+    name: str
+    value: float
+    low: float | None = None
+    high: float | None = None
 
 
 @dataclass(frozen=True)

@@ -23,25 +23,29 @@ renders no FOR UPDATE: BEGIN IMMEDIATE has already serialised the transaction.
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from . import dialects
 from . import entities as E
 from .base import AbstractStore
-from .convert import control as _control
+from .controls import ControlsMixin, expire_pending
+from .knobs import KnobsMixin
 from .convert import experiment as _experiment
 from .convert import worker as _worker
-from .entities import ControlRecord, Experiment, MetricRow, MetricSeries, Worker
-from .errors import InvalidTransition, NotFound, StaleAttempt
+from .entities import Experiment, MetricRow, MetricSeries, Worker
+from .errors import InvalidTransition, NotFound, StaleAttempt, StoreUnavailable
+from .lineage import delivered as _delivered
 from .migrate import upgrade_to_head
 from .series import Rollup
-from .tables import ControlModel, ExperimentModel, WorkerModel, metrics
+from .tables import ExperimentModel, ExperimentTagModel, MetaModel, WorkerModel, metrics
+from .tags import MAX_TAGS, check_note, check_tags
 
 # Parameter order of the metrics upsert (the table's column order).
 _METRIC_COLUMNS = ("experiment_id", "scope", "step", "epoch", "name", "value", "wall_time", "attempt")
@@ -53,7 +57,7 @@ _TRANSITIONS = {
 }
 
 
-class SqlAlchemyStore(AbstractStore):
+class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
     def __init__(self, url: str):
         parsed = dialects.normalize_url(url)  # postgresql:// means psycopg 3
         self.url = parsed.render_as_string(hide_password=False)
@@ -81,6 +85,12 @@ class SqlAlchemyStore(AbstractStore):
             raise RuntimeError(f"metrics upsert binds {compiled.positiontup}, expected {_METRIC_COLUMNS}")
         # The min/max rollup behind downsampled reads, kept exact by add_metrics (series.py).
         self._rollup = Rollup(self._dialect, self._engine.dialect)
+        # Driver errors that mean "the database cannot be reached or written now" (locked,
+        # disk full, connection lost); raw-cursor reads (series.py) raise them unwrapped.
+        dbapi = self._engine.dialect.dbapi
+        self._outage_errors = tuple(getattr(dbapi, n) for n in ("OperationalError", "InterfaceError")
+                                    if hasattr(dbapi, n))
+        self._store_id: str | None = None
         try:
             self._migrate()
         except BaseException:
@@ -91,14 +101,27 @@ class SqlAlchemyStore(AbstractStore):
 
     @contextlib.contextmanager
     def _session(self, *, write: bool = False) -> Iterator[Session]:
-        """The one way in: a session in a transaction, committed on success, else rolled back."""
+        """The one way in: a session in a transaction, committed on success, else rolled back.
+
+        Also the one place where an outage (locked or full database, lost connection)
+        becomes StoreUnavailable, naming the store method: nothing outside the store
+        sees SQLAlchemy or driver text. Nothing was committed when it is raised.
+        """
+        operation = sys._getframe(2).f_code.co_name  # the store method using this session
         engine = self._write_engine if write else self._engine
-        with (
-            self._write_lock if write else self._read_lock,
-            Session(engine, expire_on_commit=False) as session,
-            session.begin(),
-        ):
-            yield session
+        try:
+            with (
+                self._write_lock if write else self._read_lock,
+                Session(engine, expire_on_commit=False) as session,
+                session.begin(),
+            ):
+                yield session
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, *self._outage_errors) as exc:
+            raise StoreUnavailable(operation, exc) from exc
+        except sa_exc.DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StoreUnavailable(operation, exc) from exc
+            raise
 
     def _migrate(self) -> None:
         with self._write_lock, self._write_engine.begin() as conn:
@@ -153,17 +176,21 @@ class SqlAlchemyStore(AbstractStore):
         with self._session() as s:
             return _experiment(self._experiment_row(s, id))
 
-    def list_experiments(self, states=None, limit=100) -> list[Experiment]:
+    def list_experiments(self, states=None, limit=100, *, tags=None, before_id=None) -> list[Experiment]:
         stmt = select(ExperimentModel).order_by(ExperimentModel.id.desc()).limit(limit if limit > 0 else 100)
         if states:
             stmt = stmt.where(ExperimentModel.state.in_(list(states)))
+        if before_id is not None:  # keyset paging: the page after the one that ended at before_id
+            stmt = stmt.where(ExperimentModel.id < before_id)
+        stmt = _with_tags(stmt, tags)
         with self._session() as s:
             return [_experiment(row) for row in s.scalars(stmt)]
 
     def claim_next(self, worker_id, free_gpus) -> Experiment | None:
         stmt = (
             select(ExperimentModel)
-            .where(ExperimentModel.state == E.QUEUED, ExperimentModel.gpus <= free_gpus)
+            .where(ExperimentModel.state == E.QUEUED, ExperimentModel.gpus <= free_gpus,
+                   ExperimentModel.kind != E.ATTACHED)  # an attached loop runs where it is
             .order_by(ExperimentModel.id)
             .limit(1)
             # PostgreSQL: concurrent claimers skip each other's candidate instead of
@@ -198,6 +225,8 @@ class SqlAlchemyStore(AbstractStore):
                 row.finished_at = now
             if summary is not None:
                 row.summary = {k: float(v) for k, v in summary.items()}
+            if state in E.FINAL_STATES:
+                expire_pending(s, row)
             return _experiment(row)
 
     def requeue(self, id, attempt, reason, *, count_restart=True) -> Experiment:
@@ -207,7 +236,13 @@ class SqlAlchemyStore(AbstractStore):
             if row.state not in E.ACTIVE_STATES:
                 raise InvalidTransition(id, row.state, E.QUEUED)
             row.worker_id = None  # fences this attempt from now on
-            if not count_restart:
+            if row.kind == E.ATTACHED:
+                # The user's own process: no worker can run it instead, so it ends here.
+                row.state = E.FAILED
+                row.finished_at = time.time()
+                row.message = reason
+                expire_pending(s, row)
+            elif not count_restart:
                 row.state = E.QUEUED
                 row.message = reason
             elif row.restarts < row.max_restarts:
@@ -218,6 +253,7 @@ class SqlAlchemyStore(AbstractStore):
                 row.state = E.FAILED
                 row.finished_at = time.time()
                 row.message = f"{reason}; gave up after {row.max_restarts} restarts"
+                expire_pending(s, row)
             return _experiment(row)
 
     def cancel(self, id, reason) -> Experiment:
@@ -228,6 +264,27 @@ class SqlAlchemyStore(AbstractStore):
             row.state = E.CANCELLED
             row.finished_at = time.time()
             row.message = reason
+            expire_pending(s, row)
+            return _experiment(row)
+
+    def annotate(self, id, *, add_tags=(), remove_tags=(), note=None) -> Experiment:
+        add = check_tags("add_tags", add_tags)
+        remove = set(check_tags("remove_tags", remove_tags))
+        if note is not None:
+            check_note(note)
+        with self._session(write=True) as s:
+            row = self._experiment_row(s, id, lock=True)
+            have = {t.tag for t in row.tag_rows}
+            keep = [t for t in row.tag_rows if t.tag not in remove]
+            new = [t for t in add if t not in have and t not in remove]
+            if len(keep) + len(new) > MAX_TAGS:
+                raise ValueError(f"add_tags: experiment {id} would carry {len(keep) + len(new)} tags; "
+                                 f"at most {MAX_TAGS}")
+            row.tag_rows = keep + [ExperimentTagModel(experiment_id=id, tag=t) for t in new]
+            if note is not None:
+                row.note = note
+            s.flush()
+            row.tag_rows.sort(key=lambda t: t.tag)
             return _experiment(row)
 
     # ---------------------------------------------------------------- metrics
@@ -288,6 +345,18 @@ class SqlAlchemyStore(AbstractStore):
             self._experiment_row(s, id)
             return self._rollup.downsampled(s.connection(), id, scope, names, from_step, to_step, max_points)
 
+    def wall_times(self, id, steps) -> dict[int, float]:
+        m = metrics.c
+        steps = sorted({int(st) for st in steps})[:5000]
+        if not steps:
+            return {}
+        # One probe of the (experiment_id, step) index per step: a few ms for 1,000 steps
+        # of a 1,000,000-point run, where scanning a series would read it all.
+        stmt = (select(m.step, func.min(m.wall_time)).where(m.experiment_id == id, m.scope == E.STEP,
+                                                            m.step.in_(steps)).group_by(m.step))
+        with self._session() as s:
+            return {step: wall for step, wall in s.connection().execute(stmt)}
+
     def count_metrics(self, id) -> int:
         with self._session() as s:
             self._experiment_row(s, id)
@@ -333,75 +402,31 @@ class SqlAlchemyStore(AbstractStore):
             where.append(m.step <= to_step)  # inclusive
         return where
 
-    # ---------------------------------------------------------------- controls
+    # ---------------------------------------------------------------- lineage and counts
 
-    def add_control(self, record) -> ControlRecord:
-        _check_one_of("kind", record.kind, E.CONTROL_KINDS)
-        _check_one_of("status", record.status, E.CONTROL_STATUSES)
-        _check_one_of("source", record.source, E.CONTROL_SOURCES)
-        try:
-            with self._session(write=True) as s:
-                existing = s.get(ControlModel, record.command_id)
-                if existing is not None:
-                    return _control(existing)
-                self._experiment_row(s, record.experiment_id)
-                row = ControlModel(
-                    command_id=record.command_id,
-                    experiment_id=record.experiment_id,
-                    kind=record.kind,
-                    value=record.value,
-                    status=record.status,
-                    source=record.source,
-                    requested_at=record.requested_at or time.time(),
-                    applied_at=record.applied_at,
-                    applied_step=record.applied_step,
-                    old_value=record.old_value,
-                    new_value=record.new_value,
-                    message=record.message,
-                    at_step=record.at_step,
-                )
-                s.add(row)
-                return _control(row)
-        except IntegrityError:
-            # PostgreSQL only (SQLite writes are serialised): a concurrent retry with the
-            # same command_id committed first; answer with its record.
+    def store_id(self) -> str:
+        if self._store_id is None:  # made once by migration 0003; never changes after
             with self._session() as s:
-                existing = s.get(ControlModel, record.command_id)
-                if existing is None:
-                    raise
-                return _control(existing)
+                row = s.get(MetaModel, "store_id")
+                if row is None:
+                    raise NotFound("meta key", "store_id")
+                self._store_id = row.value
+        return self._store_id
 
-    def resolve_control(
-        self, command_id, *, status, applied_step=None, old_value=None, new_value=None, message="", applied_at=None
-    ) -> ControlRecord:
-        _check_one_of("status", status, (E.APPLIED, E.REJECTED))
-        with self._session(write=True) as s:
-            # FOR UPDATE (PostgreSQL): of two concurrent acks, the second sees the first's.
-            row = s.get(ControlModel, command_id, with_for_update=True)
-            if row is None:
-                raise NotFound("control command", command_id)
-            if row.status != E.PENDING:
-                return _control(row)
-            row.status = status
-            row.applied_step = applied_step
-            row.old_value = old_value
-            row.new_value = new_value
-            row.message = message
-            row.applied_at = applied_at if applied_at is not None else time.time()
-            return _control(row)
-
-    def list_controls(self, experiment_id, *, status=None) -> list[ControlRecord]:
-        c = ControlModel
-        stmt = (
-            select(c)
-            .where(c.experiment_id == experiment_id)
-            .order_by(func.coalesce(c.applied_step, c.at_step).nulls_last(), c.requested_at, c.command_id)
-        )
-        if status:
-            stmt = stmt.where(c.status == status)
+    def delivered(self, experiment_id) -> tuple[int, int]:
+        ph = "?" if self._dialect == "sqlite" else "%s"
         with self._session() as s:
             self._experiment_row(s, experiment_id)
-            return [_control(row) for row in s.scalars(stmt)]
+            cur = s.connection().connection.cursor()  # driver cursor: no per-row objects
+            try:
+                return _delivered(cur, ph, experiment_id)
+            finally:
+                cur.close()
+
+    def count_by_state(self) -> dict[str, int]:
+        stmt = select(ExperimentModel.state, func.count()).group_by(ExperimentModel.state)
+        with self._session() as s:
+            return {state: n for state, n in s.execute(stmt)}
 
     # ---------------------------------------------------------------- workers
 
@@ -431,12 +456,16 @@ class SqlAlchemyStore(AbstractStore):
 # -------------------------------------------------------------------- helpers
 
 
+def _with_tags(stmt, tags):
+    """Only experiments carrying every one of `tags` (an index lookup per tag)."""
+    for tag in check_tags("tags", tags or ()):
+        stmt = stmt.where(ExperimentModel.id.in_(
+            select(ExperimentTagModel.experiment_id).where(ExperimentTagModel.tag == tag)))
+    return stmt
+
+
 def _step_before_epoch(rows_by_scope: dict[str, MetricRow]) -> list[MetricRow]:
     # The step row comes before the epoch row that ends at the same step: the order a
     # live stream produces them in, so Watch history and live events look alike.
     return [rows_by_scope[scope] for scope in E.SCOPES if scope in rows_by_scope]
 
-
-def _check_one_of(field: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{field} must be one of {', '.join(allowed)}; got {value!r}")

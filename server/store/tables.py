@@ -25,8 +25,9 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 NAMING_CONVENTION = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -63,6 +64,15 @@ class ExperimentModel(Base):
     restarts: Mapped[int] = mapped_column(Integer, default=0)
     gpus: Mapped[int] = mapped_column(Integer, default=0)
     replay_of: Mapped[int | None] = mapped_column(ForeignKey("experiments.id", ondelete="SET NULL"))
+    # The user's free-text note (`trainctl note`, the console); tags are in experiment_tags.
+    note: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # SPEC / ATTACHED / CODE (migration 0005); an ATTACHED run is never claimed.
+    kind: Mapped[str] = mapped_column(String(16), default="SPEC", server_default="SPEC")
+    # sha256 hex of an attached session's run token (the token itself is never stored).
+    run_token_hash: Mapped[str | None] = mapped_column(String(64))
+    # Loaded with the experiment in one extra query per statement (selectin), also for lists.
+    tag_rows: Mapped[list["ExperimentTagModel"]] = relationship(
+        lazy="selectin", order_by="ExperimentTagModel.tag", cascade="all, delete-orphan", passive_deletes=True)
 
     __table_args__ = (
         # claim_next scans QUEUED experiments oldest first; list filters by state.
@@ -70,12 +80,26 @@ class ExperimentModel(Base):
     )
 
 
+class ExperimentTagModel(Base):
+    """One tag of one experiment (migration 0004): a row per pair, so filtering by tag
+    is an index lookup on SQLite and PostgreSQL alike."""
+
+    __tablename__ = "experiment_tags"
+
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True)
+    tag: Mapped[str] = mapped_column(String(64), primary_key=True)
+
+    __table_args__ = (Index(None, "tag", "experiment_id"),)
+
+
 class ControlModel(Base):
     __tablename__ = "controls"
 
-    # Client-chosen (or server-generated) id: the key that makes retries idempotent.
+    # Client-chosen (or server-generated) id, scoped to its experiment (migration 0003):
+    # the key that makes retries idempotent. The key's leading experiment_id also serves
+    # "the commands of experiment N".
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True)
     command_id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32))
     value: Mapped[float] = mapped_column(Double)
     status: Mapped[str] = mapped_column(String(16))
@@ -87,6 +111,32 @@ class ControlModel(Base):
     new_value: Mapped[float | None] = mapped_column(Double)
     message: Mapped[str] = mapped_column(Text, default="")
     at_step: Mapped[int | None] = mapped_column(BigInteger)
+    consequence: Mapped[str] = mapped_column(Text, default="", server_default="")
+    hold: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    knob: Mapped[str] = mapped_column(String(128), default="", server_default="")  # SET_KNOB's knob
+
+
+class KnobModel(Base):
+    """A float a run declared steerable (migration 0005), with its bounds and current
+    value (the run's declaration, then each APPLIED SET_KNOB ack's new value)."""
+
+    __tablename__ = "knobs"
+
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    value: Mapped[float] = mapped_column(Double)
+    low: Mapped[float | None] = mapped_column(Double)
+    high: Mapped[float | None] = mapped_column(Double)
+
+
+class MetaModel(Base):
+    """Facts about the database itself (migration 0003): `store_id`, a random id made
+    once when the database is created, names this store in checkpoint lineage."""
+
+    __tablename__ = "meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
 
 
 class WorkerModel(Base):

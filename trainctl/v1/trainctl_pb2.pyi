@@ -21,6 +21,13 @@ class ExperimentState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FAILED: _ClassVar[ExperimentState]
     CANCELLED: _ClassVar[ExperimentState]
 
+class ExperimentKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERIMENT_KIND_UNSPECIFIED: _ClassVar[ExperimentKind]
+    SPEC: _ClassVar[ExperimentKind]
+    ATTACHED: _ClassVar[ExperimentKind]
+    CODE: _ClassVar[ExperimentKind]
+
 class Scope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SCOPE_UNSPECIFIED: _ClassVar[Scope]
@@ -35,6 +42,7 @@ class ControlKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SET_LR_DECAY: _ClassVar[ControlKind]
     SET_EMA_DECAY: _ClassVar[ControlKind]
     SET_WEIGHT_DECAY: _ClassVar[ControlKind]
+    SET_KNOB: _ClassVar[ControlKind]
 
 class ControlStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -64,6 +72,10 @@ RUNNING: ExperimentState
 COMPLETED: ExperimentState
 FAILED: ExperimentState
 CANCELLED: ExperimentState
+EXPERIMENT_KIND_UNSPECIFIED: ExperimentKind
+SPEC: ExperimentKind
+ATTACHED: ExperimentKind
+CODE: ExperimentKind
 SCOPE_UNSPECIFIED: Scope
 STEP: Scope
 EPOCH: Scope
@@ -73,6 +85,7 @@ SCALE_LR: ControlKind
 SET_LR_DECAY: ControlKind
 SET_EMA_DECAY: ControlKind
 SET_WEIGHT_DECAY: ControlKind
+SET_KNOB: ControlKind
 CONTROL_STATUS_UNSPECIFIED: ControlStatus
 PENDING: ControlStatus
 APPLIED: ControlStatus
@@ -87,8 +100,20 @@ SCHEDULED: ControlSource
 REPLAYED: ControlSource
 CONSOLE: ControlSource
 
+class Knob(_message.Message):
+    __slots__ = ("name", "value", "low", "high")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: float
+    low: float
+    high: float
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
+
 class Experiment(_message.Message):
-    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of", "spec_json", "tags", "note")
+    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of", "spec_json", "tags", "note", "kind", "knobs")
     class SummaryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +137,8 @@ class Experiment(_message.Message):
     SPEC_JSON_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     state: ExperimentState
@@ -128,7 +155,9 @@ class Experiment(_message.Message):
     spec_json: str
     tags: _containers.RepeatedScalarFieldContainer[str]
     note: str
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ..., spec_json: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ...) -> None: ...
+    kind: ExperimentKind
+    knobs: _containers.RepeatedCompositeFieldContainer[Knob]
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ..., spec_json: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., kind: _Optional[_Union[ExperimentKind, str]] = ..., knobs: _Optional[_Iterable[_Union[Knob, _Mapping]]] = ...) -> None: ...
 
 class MetricBatch(_message.Message):
     __slots__ = ("experiment_id", "attempt", "seq", "scope", "names", "rows")
@@ -159,7 +188,7 @@ class MetricRow(_message.Message):
     def __init__(self, step: _Optional[int] = ..., epoch: _Optional[int] = ..., wall_time: _Optional[float] = ..., values: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ControlRecord(_message.Message):
-    __slots__ = ("command_id", "experiment_id", "kind", "value", "status", "source", "requested_at", "applied_at", "applied_step", "old_value", "new_value", "message", "at_step", "consequence", "hold")
+    __slots__ = ("command_id", "experiment_id", "kind", "value", "status", "source", "requested_at", "applied_at", "applied_step", "old_value", "new_value", "message", "at_step", "consequence", "hold", "knob")
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +204,7 @@ class ControlRecord(_message.Message):
     AT_STEP_FIELD_NUMBER: _ClassVar[int]
     CONSEQUENCE_FIELD_NUMBER: _ClassVar[int]
     HOLD_FIELD_NUMBER: _ClassVar[int]
+    KNOB_FIELD_NUMBER: _ClassVar[int]
     command_id: str
     experiment_id: int
     kind: ControlKind
@@ -190,7 +220,38 @@ class ControlRecord(_message.Message):
     at_step: int
     consequence: str
     hold: bool
-    def __init__(self, command_id: _Optional[str] = ..., experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., status: _Optional[_Union[ControlStatus, str]] = ..., source: _Optional[_Union[ControlSource, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., at_step: _Optional[int] = ..., consequence: _Optional[str] = ..., hold: _Optional[bool] = ...) -> None: ...
+    knob: str
+    def __init__(self, command_id: _Optional[str] = ..., experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., status: _Optional[_Union[ControlStatus, str]] = ..., source: _Optional[_Union[ControlSource, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., at_step: _Optional[int] = ..., consequence: _Optional[str] = ..., hold: _Optional[bool] = ..., knob: _Optional[str] = ...) -> None: ...
+
+class AttachRequest(_message.Message):
+    __slots__ = ("name", "config", "tags", "replay_of")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    REPLAY_OF_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: _struct_pb2.Struct
+    tags: _containers.RepeatedScalarFieldContainer[str]
+    replay_of: int
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., tags: _Optional[_Iterable[str]] = ..., replay_of: _Optional[int] = ...) -> None: ...
+
+class AttachResponse(_message.Message):
+    __slots__ = ("experiment", "attempt", "worker_id", "run_token", "heartbeat_interval_s", "lease_timeout_s", "controls")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    LEASE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    CONTROLS_FIELD_NUMBER: _ClassVar[int]
+    experiment: Experiment
+    attempt: int
+    worker_id: str
+    run_token: str
+    heartbeat_interval_s: float
+    lease_timeout_s: float
+    controls: _containers.RepeatedCompositeFieldContainer[ControlRecord]
+    def __init__(self, experiment: _Optional[_Union[Experiment, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., run_token: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ...) -> None: ...
 
 class AnnotateRequest(_message.Message):
     __slots__ = ("id", "add_tags", "remove_tags", "note")
@@ -333,7 +394,7 @@ class GetMetricsResponse(_message.Message):
     def __init__(self, series: _Optional[_Iterable[_Union[MetricSeries, _Mapping]]] = ..., total_points: _Optional[int] = ...) -> None: ...
 
 class ControlRequest(_message.Message):
-    __slots__ = ("experiment_id", "kind", "value", "command_id", "wait_seconds", "dry_run", "hold", "source")
+    __slots__ = ("experiment_id", "kind", "value", "command_id", "wait_seconds", "dry_run", "hold", "source", "knob")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +403,7 @@ class ControlRequest(_message.Message):
     DRY_RUN_FIELD_NUMBER: _ClassVar[int]
     HOLD_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    KNOB_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     kind: ControlKind
     value: float
@@ -350,7 +412,8 @@ class ControlRequest(_message.Message):
     dry_run: bool
     hold: bool
     source: ControlSource
-    def __init__(self, experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., command_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ..., hold: _Optional[bool] = ..., source: _Optional[_Union[ControlSource, str]] = ...) -> None: ...
+    knob: str
+    def __init__(self, experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., command_id: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., dry_run: _Optional[bool] = ..., hold: _Optional[bool] = ..., source: _Optional[_Union[ControlSource, str]] = ..., knob: _Optional[str] = ...) -> None: ...
 
 class ListControlsRequest(_message.Message):
     __slots__ = ("experiment_id",)
@@ -383,18 +446,20 @@ class Device(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("worker_id", "hostname", "devices", "version", "current")
+    __slots__ = ("worker_id", "hostname", "devices", "version", "current", "run_token")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     hostname: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     version: str
     current: Heartbeat
-    def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., version: _Optional[str] = ..., current: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    run_token: str
+    def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., version: _Optional[str] = ..., current: _Optional[_Union[Heartbeat, _Mapping]] = ..., run_token: _Optional[str] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("experiment_id", "attempt", "step", "usage")
@@ -466,18 +531,30 @@ class ControlAck(_message.Message):
     def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., consequence: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "metrics", "state", "ack")
+    __slots__ = ("hello", "heartbeat", "metrics", "state", "ack", "knobs")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     metrics: MetricBatch
     state: StateUpdate
     ack: ControlAck
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., metrics: _Optional[_Union[MetricBatch, _Mapping]] = ..., state: _Optional[_Union[StateUpdate, _Mapping]] = ..., ack: _Optional[_Union[ControlAck, _Mapping]] = ...) -> None: ...
+    knobs: KnobDeclaration
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., metrics: _Optional[_Union[MetricBatch, _Mapping]] = ..., state: _Optional[_Union[StateUpdate, _Mapping]] = ..., ack: _Optional[_Union[ControlAck, _Mapping]] = ..., knobs: _Optional[_Union[KnobDeclaration, _Mapping]] = ...) -> None: ...
+
+class KnobDeclaration(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "knobs")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    KNOBS_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    knobs: _containers.RepeatedCompositeFieldContainer[Knob]
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., knobs: _Optional[_Iterable[_Union[Knob, _Mapping]]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("heartbeat_interval_s", "lease_timeout_s")
@@ -508,20 +585,22 @@ class Assignment(_message.Message):
     def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ..., store_id: _Optional[str] = ..., delivered_steps: _Optional[int] = ..., delivered_epochs: _Optional[int] = ...) -> None: ...
 
 class ControlCommand(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "command_id", "kind", "value", "hold")
+    __slots__ = ("experiment_id", "attempt", "command_id", "kind", "value", "hold", "knob")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     HOLD_FIELD_NUMBER: _ClassVar[int]
+    KNOB_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     command_id: str
     kind: ControlKind
     value: float
     hold: bool
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., hold: _Optional[bool] = ...) -> None: ...
+    knob: str
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., hold: _Optional[bool] = ..., knob: _Optional[str] = ...) -> None: ...
 
 class CancelRun(_message.Message):
     __slots__ = ("experiment_id", "attempt", "reason", "kind")

@@ -91,6 +91,11 @@ class ExperimentsStub:
                 request_serializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersRequest.SerializeToString,
                 response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersResponse.FromString,
                 _registered_method=True)
+        self.Attach = channel.unary_unary(
+                '/trainctl.v1.Experiments/Attach',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.AttachRequest.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.AttachResponse.FromString,
+                _registered_method=True)
 
 
 class ExperimentsServicer:
@@ -171,6 +176,16 @@ class ExperimentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attach(self, request, context):
+        """Register the caller's own training loop as an experiment (kind ATTACHED). The
+        experiment starts ASSIGNED to a session the server names; the SDK then opens
+        Workers.Connect with that worker_id and run_token in its Hello and speaks the
+        worker protocol for this one run. The server never dispatches it elsewhere.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +243,11 @@ def add_ExperimentsServicer_to_server(servicer, server):
                     servicer.ListWorkers,
                     request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersRequest.FromString,
                     response_serializer=trainctl_dot_v1_dot_trainctl__pb2.ListWorkersResponse.SerializeToString,
+            ),
+            'Attach': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attach,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.AttachRequest.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.AttachResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -529,6 +549,33 @@ class Experiments:
             '/trainctl.v1.Experiments/ListWorkers',
             trainctl_dot_v1_dot_trainctl__pb2.ListWorkersRequest.SerializeToString,
             trainctl_dot_v1_dot_trainctl__pb2.ListWorkersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Attach(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainctl.v1.Experiments/Attach',
+            trainctl_dot_v1_dot_trainctl__pb2.AttachRequest.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.AttachResponse.FromString,
             options,
             channel_credentials,
             insecure,

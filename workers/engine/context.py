@@ -23,6 +23,7 @@ class Command:
     verb: str                 # set_lr | scale_lr | set_lr_decay | set_ema_decay | set_weight_decay
     value: float
     at_step: Optional[int] = None
+    hold: bool = False        # set_lr/scale_lr: pin the LR at the value from then on
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class Ack:
     old_value: float = float("nan")
     new_value: float = float("nan")
     message: str = ""
+    consequence: str = ""     # what it means ahead (LR commands), see schedulers/ahead.py
 
 
 class MetricsSink(Protocol):
@@ -112,6 +114,11 @@ class ControlInbox:
         self.cancel_reason = reason
         self._cancel.set()
 
+    def orphaned(self) -> bool:
+        """Whoever reads this run's results is gone (the run process's agent died): a
+        checkpoint now would hold work nobody received."""
+        return False
+
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
@@ -145,6 +152,25 @@ class Summary:
         return cls(**{k: int(v) if k in ("steps", "best_epoch", "epochs") else v for k, v in d.items()})
 
 
+@dataclass(frozen=True)
+class Lineage:
+    """Whose checkpoints these are, and how far a resume may go back in.
+
+    Every checkpoint records (store_id, experiment_id, attempt, step, epoch); a resume
+    loads one only when store and experiment match, and only one that the store has
+    seen the metrics of: its step <= `delivered_steps` and its epoch count <=
+    `delivered_epochs`. A checkpoint taken past that holds training nobody saw (a
+    fenced attempt that trained on, a worker killed before its rows reached the
+    server); resuming from it would leave those steps missing. None = no limit (local
+    runs and tests without a server)."""
+
+    store_id: str = ""
+    experiment_id: int = 0
+    attempt: int = 0
+    delivered_steps: Optional[int] = None
+    delivered_epochs: Optional[int] = None
+
+
 @dataclass
 class TrainingContext:
     """Everything the loop needs besides the spec."""
@@ -154,3 +180,8 @@ class TrainingContext:
     checkpoint_dir: Optional[str] = None
     # Called with the current step roughly once a second so the agent can heartbeat.
     on_progress: Callable[[int], None] = lambda step: None
+    lineage: Optional[Lineage] = None
+    # Things a user should know about this run that are not failures (resumed from a
+    # checkpoint, a corrupt one set aside): the agent logs them and shows them as the
+    # RUNNING state's message.
+    on_note: Callable[[str], None] = lambda text: None

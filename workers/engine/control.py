@@ -2,7 +2,8 @@
 
 One function for live, scheduled and replayed commands alike, so they cannot drift
 apart. Every outcome, refusals included, becomes an `Ack` with the applied step and
-the old and new value.
+the old and new value; an applied LR command also says what it means ahead
+(`Ack.consequence`, from the same `schedulers.consequence` the server's dry run uses).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any, Optional
 from trainctl.spec import check_control_value
 from trainctl.workers.engine.context import Ack, Command
 from trainctl.workers.engine.optim import decaying_groups
+from trainctl.workers.engine.schedulers import consequence
 
 log = logging.getLogger(__name__)
 
@@ -27,38 +29,50 @@ class ControlTargets:
 
 
 def apply_command(cmd: Command, step: int, t: ControlTargets) -> Ack:
+    hold = bool(getattr(cmd, "hold", False))
     try:
         check_control_value(cmd.verb, cmd.value)
-        old, new = _APPLY[cmd.verb](cmd.value, step, t)
+        if hold and cmd.verb not in ("set_lr", "scale_lr"):
+            raise ValueError(f"hold applies to set_lr and scale_lr only, not {cmd.verb}")
+        fn = _APPLY[cmd.verb]
     except KeyError:
         return Ack(cmd.command_id, ok=False, applied_step=step, message=f"unknown command {cmd.verb!r}")
     except ValueError as exc:
         return Ack(cmd.command_id, ok=False, applied_step=step, message=str(exc))
+    try:
+        old, new = fn(cmd.value, step, t, hold)
+    except ValueError as exc:  # DecayCannotAct/NoDecayFactor included: the message says why
+        return Ack(cmd.command_id, ok=False, applied_step=step, message=str(exc))
     except Exception as exc:  # a bug here must cost one command, never the run
         log.exception("applying %s failed", cmd)
         return Ack(cmd.command_id, ok=False, applied_step=step, message=f"{type(exc).__name__}: {exc}")
-    return Ack(cmd.command_id, ok=True, applied_step=step, old_value=old, new_value=new)
+    try:
+        ahead = consequence(t.schedule, step, cmd.verb)
+    except Exception:  # words about the future must never cost the command
+        log.exception("describing %s failed", cmd)
+        ahead = ""
+    return Ack(cmd.command_id, ok=True, applied_step=step, old_value=old, new_value=new, consequence=ahead)
 
 
-def _set_lr(v: float, step: int, t: ControlTargets) -> tuple[float, float]:
-    return t.schedule.set_lr(step, v)
+def _set_lr(v: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
+    return t.schedule.set_lr(step, v, hold)
 
 
-def _scale_lr(f: float, step: int, t: ControlTargets) -> tuple[float, float]:
-    return t.schedule.scale_lr(step, f)
+def _scale_lr(f: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
+    return t.schedule.scale_lr(step, f, hold)
 
 
-def _set_lr_decay(g: float, step: int, t: ControlTargets) -> tuple[float, float]:
+def _set_lr_decay(g: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
     return t.schedule.set_decay(step, g)
 
 
-def _set_ema_decay(d: float, step: int, t: ControlTargets) -> tuple[float, float]:
+def _set_ema_decay(d: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
     if t.ema is None:
         raise ValueError("set_ema_decay needs model EMA; enable train.ema in the spec")
     return t.ema.set_decay(step, d)
 
 
-def _set_weight_decay(w: float, step: int, t: ControlTargets) -> tuple[float, float]:
+def _set_weight_decay(w: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
     groups = decaying_groups(t.optimizer)
     if not groups:
         raise ValueError("set_weight_decay: the optimizer has no decaying parameter group")

@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .datasize import SYNTHETIC_CLASSES, SYNTHETIC_SAMPLES, long_tail_counts  # noqa: F401 (re-exported)
 from .params import DataParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-SYNTHETIC_CLASSES = 10
-SYNTHETIC_SAMPLES = 2048
 # Synthetic images share a pool of noise tensors at most this big, so a benchmark at
 # 224 px with a million samples does not need terabytes of RAM.
 _SYNTHETIC_POOL_BYTES = 256 << 20
@@ -190,6 +189,16 @@ class SeededImages(Dataset):
             return self.base[i]
 
 
+def _ops(params: DataParams) -> set:
+    """The augmentations a validated DataParams asks for (its `augment` list, or none)."""
+    a = params.augment
+    if a is True:  # a DataParams built with model_construct skips the validator
+        from .params import DEFAULT_AUGMENT
+
+        return set(DEFAULT_AUGMENT.get(params.dataset, ()))
+    return set(a) if a else set()
+
+
 def passthrough(batch):
     """collate_fn for datasets whose __getitems__ already returns a stacked batch."""
     return batch
@@ -233,14 +242,6 @@ def build_data(params: DataParams, *, seed: int, rank: int = 0,
                      num_workers=params.num_workers, collate_fn=collate)
     return DataBundle(train=train, val=val, num_classes=num_classes, in_chans=in_chans,
                       class_counts=counts, class_names=names, img_size=params.img_size)
-
-
-def long_tail_counts(n_max: int, num_classes: int, ratio: float) -> List[int]:
-    """n_i = n_max * (1/ratio)^(i/(C-1)), floored, at least 1 (Cao et al. 2019's recipe)."""
-    if num_classes == 1:
-        return [n_max]
-    return [max(1, int(n_max * (1.0 / ratio) ** (i / (num_classes - 1))))
-            for i in range(num_classes)]
 
 
 @functools.lru_cache(maxsize=1)
@@ -290,7 +291,7 @@ def _digits(params: DataParams, seed: int):
     x_tr = ((x_tr - mean) / std).contiguous()
     x_va = ((x_va - mean) / std).contiguous()
     y = torch.from_numpy(labels.copy())
-    shift = max(1, params.img_size // 8) if params.augment else 0
+    shift = max(1, params.img_size // 8) if "random_crop" in _ops(params) else 0
     fill = float(-mean / std)  # blank paper, not a grey border
     train = TensorImages(x_tr, y[torch.from_numpy(tr)], shift=shift, seed=seed, fill=fill)
     val = TensorImages(x_va, y[torch.from_numpy(va)])
@@ -332,15 +333,16 @@ def _imagefolder(params: DataParams, seed: int):
     tail = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     # Resize the shorter side then centre-crop: square output without distorting aspect.
     plain = v2.Compose([v2.ToImage(), v2.Resize(s), v2.CenterCrop(s), *tail])
-    if params.augment and params.resize_range:
+    ops = _ops(params)
+    if "random_crop" in ops and params.resize_range:
         lo, hi = params.resize_range
-        train_tf = v2.Compose([v2.ToImage(), v2.RandomResize(lo, hi + 1), v2.RandomCrop(s),
-                               v2.RandomHorizontalFlip(), *tail])
-    elif params.augment:
-        train_tf = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(s),
-                               v2.RandomHorizontalFlip(), *tail])
+        crop = [v2.RandomResize(lo, hi + 1), v2.RandomCrop(s)]
+    elif "random_crop" in ops:
+        crop = [v2.RandomResizedCrop(s)]
     else:
-        train_tf = plain
+        crop = [v2.Resize(s), v2.CenterCrop(s)]
+    flip = [v2.RandomHorizontalFlip()] if "hflip" in ops else []
+    train_tf = v2.Compose([v2.ToImage(), *crop, *flip, *tail]) if ops else plain
 
     try:
         train = SeededImages(ImageFolder(os.path.join(root, "train"), transform=train_tf),

@@ -1,11 +1,21 @@
-"""Model EMA (timm's ModelEmaV3) with a steerable, optionally cosine-scheduled decay.
+"""Model EMA: timm's ModelEmaV3, driven exactly as timm's train.py drives it, with a
+steerable, optionally cosine-scheduled decay.
 
-The decay used at step k is
+timm's train.py counts optimizer updates from 1 (`num_updates += 1` before
+`model_ema.update(model, step=num_updates)`), and ModelEmaV3.get_decay(n) uses decay 0
+(a plain copy of the model) for n <= 1. The loop's steps are 0-based, so the update
+after loop step k passes n = k + 1: the first update copies the model, the next ones
+average. (Passing k itself, as this module once did, copied the model twice and lagged
+timm's warmup by one update.)
+
+The decay used by the update after step k is then
+
+    decay(k) = 0                                    for k = 0 (the copy)
+             = target(k)                            without warmup
+             = min(target(k), 1 - (1 + k)^(-2/3))   with warmup (timm's gamma 1, power 2/3)
 
     target(k) = 1 - (1 - base) * c(k),  c(k) = (cos(pi k / K) + 1) / 2 with `cosine_to_one`
-                                        c(k) = 1 otherwise
-
-and timm's warmup (if on) caps it: min(target(k), 1 - (1 + k)^(-2/3)).
+                                        c(k) = 1 otherwise (K = the run's total steps)
 
 `set_ema_decay d` at step s follows the rule `set_lr` follows for the LR schedule: the
 target decay is exactly d at s and the schedule keeps its shape from there. With
@@ -52,12 +62,18 @@ class ModelEma:
         self.base = 1.0 - (1.0 - decay) / c if c > 0 else decay
         return old, decay
 
+    def used_decay(self, step: int) -> float:
+        """The decay the update after loop step ``step`` applies (timm's, see above)."""
+        self.timm.decay = self.target_decay(step)
+        return self.timm.get_decay(step + 1)
+
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int) -> None:
-        # timm applies warmup and its first-step copy inside get_decay(step); it reads
-        # .decay as the ceiling, so handing it our target keeps both behaviours.
+        # timm applies warmup and its first-update copy inside get_decay(n) and reads
+        # .decay as the ceiling, so handing it our target keeps both behaviours; n is
+        # the 1-based update count timm's train.py passes (see the module docstring).
         self.timm.decay = self.target_decay(step)
-        self.timm.update(model, step=step)
+        self.timm.update(model, step=step + 1)
 
     def state_dict(self) -> dict:
         return {"weights": self.timm.state_dict(), "base": self.base}

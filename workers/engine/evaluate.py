@@ -2,12 +2,14 @@
 
 Everything accumulates on the device; one copy to the host per evaluation.
 Balanced accuracy (the mean of per-class recalls) is what long-tailed runs compare; with
-up to 32 classes each class's recall is reported too (`val_acc_class_<index>`).
+up to 32 classes each class's recall is reported too, named by the class: `val_acc/<name>`
+with the class folder's name for imagefolder (`val_acc/three`), the digit for digits
+(`val_acc/7`), `class_<i>` for synthetic data.
 """
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +17,8 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, *, device: torch.device, num_classes: int,
-             autocast: Callable[[], AbstractContextManager], channels_last: bool = False) -> dict[str, float]:
+             autocast: Callable[[], AbstractContextManager], channels_last: bool = False,
+             class_names: Optional[Sequence[str]] = None) -> dict[str, float]:
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -38,8 +41,18 @@ def evaluate(model: torch.nn.Module, loader, *, device: torch.device, num_classe
            # classes absent from validation would count as 0 recall; leave them out
            "val_balanced_acc": float(per_class[present].mean()) if present.any() else 0.0}
     if num_classes <= PER_CLASS_UP_TO:  # long-tailed runs are judged class by class
-        out.update({f"val_acc_class_{c}": float(per_class[c]) for c in range(num_classes) if present[c]})
+        names = per_class_names(class_names, num_classes)
+        out.update({names[c]: float(per_class[c]) for c in range(num_classes) if present[c]})
     return out
 
 
 PER_CLASS_UP_TO = 32  # beyond this, per-class rows would drown the epoch metrics
+
+
+def per_class_names(class_names: Optional[Sequence[str]], num_classes: int) -> list[str]:
+    """`val_acc/<class>` per class index; whitespace in a folder name becomes `_` so the
+    name stays one token in CLIs and CSVs. Without names (or a count that does not
+    match) the index stands in."""
+    if class_names is None or len(class_names) != num_classes:
+        class_names = [str(c) for c in range(num_classes)]
+    return [f"val_acc/{'_'.join(str(n).split()) or c}" for c, n in enumerate(class_names)]

@@ -31,7 +31,7 @@ import torch
 
 from trainctl.spec import Spec
 from trainctl.workers.engine.amp import Precision, PrecisionError
-from trainctl.workers.engine.checkpoint import load_checkpoint, save_checkpoint
+from trainctl.workers.engine.checkpoint import KEEP_WHILE_TRAINING, load_for_resume, save_checkpoint
 from trainctl.workers.engine.clip import clip_gradients
 from trainctl.workers.engine.context import EPOCH, Cancelled, Summary, TrainingContext, TrainingError  # noqa: F401 (re-exported)
 from trainctl.workers.engine.control import ControlTargets, apply_command
@@ -67,6 +67,8 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
+    else:  # speed over bitwise repeatability: autotune convolutions, as timm's train.py does
+        torch.backends.cudnn.benchmark = True
 
 
 def compile_model(model: torch.nn.Module, setting) -> torch.nn.Module:
@@ -129,6 +131,7 @@ class Trainer:
         self._maybe_resume()
         if not self.dist.agree(self.step):
             raise TrainingError("ranks resumed at different steps: every rank must see the same checkpoint directory")
+        self.ctx.on_progress(self.step)  # built and resumed: the agent reports RUNNING now
         row = {"val_top1": 0.0, "val_loss": math.nan, "val_balanced_acc": 0.0, "train_loss": math.nan}
         last_progress = 0.0
         for epoch in range(self.start_epoch, tp.epochs):
@@ -224,7 +227,8 @@ class Trainer:
 
     def _evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         return evaluate(model, self.data.val, device=self.device, num_classes=self.data.num_classes,
-                        autocast=self.precision.autocast, channels_last=self.spec.train.channels_last)
+                        autocast=self.precision.autocast, channels_last=self.spec.train.channels_last,
+                        class_names=self.data.class_names)
 
     def _end_epoch(self, epoch: int, seconds: float) -> dict[str, float]:
         sums = self.stats.flush()  # summed over ranks: the same on every rank
@@ -251,29 +255,32 @@ class Trainer:
         self.ctx.sink.flush()
         every = self.spec.train.checkpoint_every
         if self.ctx.checkpoint_dir and every and (epoch + 1) % every == 0 and self.dist.is_main:
+            if self.ctx.inbox.orphaned():  # its agent died: these steps may never reach the store
+                raise Cancelled(self.ctx.inbox.cancel_reason)
             self._save(epoch)
         return row
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpoint_path(self) -> Optional[Path]:
-        return Path(self.ctx.checkpoint_dir) / "last.pt" if self.ctx.checkpoint_dir else None
-
     def _save(self, epoch: int) -> None:
         # Control state lives in its targets: LR rescale/decay history in the schedule,
         # the EMA decay base in the EMA, weight decay in the optimizer's param groups.
-        save_checkpoint(self._checkpoint_path(), {
+        path = save_checkpoint(Path(self.ctx.checkpoint_dir), {
             "epoch": epoch, "step": self.step, "best": self.best, "best_epoch": self.best_epoch,
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
             "scaler": self.precision.state_dict(),
-        })
+        }, self.ctx.lineage, keep=max(KEEP_WHILE_TRAINING, self.spec.train.keep_checkpoints))
         self.dist.trace("checkpoint", epoch=epoch, step=self.step)
+        log.debug("checkpoint %s", path)
 
     def _maybe_resume(self) -> None:
-        path = self._checkpoint_path()
-        if path is None or not path.exists():
+        if not self.ctx.checkpoint_dir:
             return
-        state = load_checkpoint(path)
+        found = load_for_resume(Path(self.ctx.checkpoint_dir), self.ctx.lineage, set_aside=self.dist.is_main,
+                                note=self._note)
+        if found is None:
+            return
+        path, state = found
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.schedule.load_state_dict(state["schedule"])
@@ -285,4 +292,10 @@ class Trainer:
         # Commands applied before the checkpoint live in the restored state; only those
         # from the checkpoint's step on are applied again.
         self.ctx.inbox.drop_before(self.step)
-        log.info("resumed from %s at epoch %d (step %d)", path, self.start_epoch, self.step)
+        self._note(f"resumed from {path.name} (attempt {state['lineage']['attempt']}) "
+                   f"at epoch {self.start_epoch} (step {self.step})")
+
+    def _note(self, text: str) -> None:
+        log.info("%s", text)
+        if self.dist.is_main:
+            self.ctx.on_note(text)

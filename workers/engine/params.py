@@ -6,7 +6,7 @@ model-level validator errors at the section, not at the field they are about.
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Tuple
+from typing import Any, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -51,6 +51,15 @@ class ModelParams(BaseModel):
 
 DatasetName = Literal["digits", "digits_lt", "imagefolder", "synthetic"]
 
+# Augmentations by name. random_crop: digits, a random translation of up to img_size/8
+# pixels (a padded crop); imagefolder, RandomResizedCrop (or, with resize_range, a
+# random shorter side then a random crop). hflip: a horizontal mirror, imagefolder only:
+# it turns a 2, 3 or 7 (or any text) into something that is not one.
+AugmentName = Literal["random_crop", "hflip"]
+# What `augment: true` means per dataset (stored specs spell it out as the list).
+DEFAULT_AUGMENT = {"digits": ["random_crop"], "digits_lt": ["random_crop"],
+                   "imagefolder": ["random_crop", "hflip"]}
+
 # Fields that only mean something for some datasets; setting them elsewhere is a spec
 # mistake we would rather report than silently ignore.
 _USED_BY = {
@@ -78,7 +87,9 @@ class DataParams(BaseModel):
     # Fixes what the data *is* (split, long-tail subsample, synthetic draw), so runs
     # with different train seeds are compared on the same validation set.
     seed: int = Field(default=0, ge=0)
-    augment: bool = False
+    # false, or the augmentations to apply (see AugmentName); true = the dataset's
+    # default (DEFAULT_AUGMENT), written out as its list once validated.
+    augment: Union[bool, List[AugmentName]] = False
     # Scale augmentation: shorter side drawn from [lo, hi], then a random img_size crop.
     resize_range: Optional[Tuple[int, int]] = None
 
@@ -93,6 +104,14 @@ class DataParams(BaseModel):
                     and self.dataset not in users:
                 raise ValueError(f"data.{field}: only used by dataset {' / '.join(users)}, "
                                  f"not {self.dataset}")
+        if isinstance(self.augment, list):
+            ops = list(dict.fromkeys(self.augment))  # order-free set, kept readable
+            if "hflip" in ops and self.dataset != "imagefolder":
+                raise ValueError(f"data.augment: hflip is offered for imagefolder only: a mirrored digit is "
+                                 f"not a digit (use [random_crop] for {self.dataset})")
+            self.augment = ops or False
+        elif self.augment is True and self.dataset in DEFAULT_AUGMENT:
+            self.augment = list(DEFAULT_AUGMENT[self.dataset])
         if self.dataset == "imagefolder" and not self.path:
             raise ValueError("data.path: required for dataset imagefolder "
                              "(a folder with train/ and val/ subfolders)")
@@ -102,8 +121,9 @@ class DataParams(BaseModel):
                 raise ValueError(
                     f"data.resize_range: need img_size <= lo <= hi, got img_size "
                     f"{self.img_size} and [{lo}, {hi}]")
-            if not self.augment:
-                raise ValueError("data.resize_range: is an augmentation; set data.augment: true")
+            if not self.augment or "random_crop" not in self.augment:
+                raise ValueError("data.resize_range: is the random_crop augmentation; "
+                                 "set data.augment: [random_crop] (or true)")
             if self.dataset != "imagefolder":
                 raise ValueError("data.resize_range: only used by dataset imagefolder")
         return self

@@ -25,6 +25,7 @@ class ControlRecord:
     applied_step: Optional[int]
     old_value: float = float("nan")
     new_value: float = float("nan")
+    hold: bool = False
 
 
 def control_log(commands: Iterable[Command], acks: Iterable[Ack]) -> list[ControlRecord]:
@@ -34,7 +35,8 @@ def control_log(commands: Iterable[Command], acks: Iterable[Ack]) -> list[Contro
     for c in commands:
         a = by_id.get(c.command_id)
         if a is not None:
-            out.append(ControlRecord(c.command_id, c.verb, c.value, a.ok, a.applied_step, a.old_value, a.new_value))
+            out.append(ControlRecord(c.command_id, c.verb, c.value, a.ok, a.applied_step, a.old_value, a.new_value,
+                                     c.hold))
     return out
 
 
@@ -52,7 +54,8 @@ def commands_from_log(records: Iterable[Any]) -> list[Command]:
             ok = status in ("APPLIED", "applied") or getattr(status, "name", None) == "APPLIED"
         if not ok or step is None or step < 0:
             continue
-        out.append(Command(str(get("command_id", "")), get("verb"), float(get("value")), at_step=int(step)))
+        out.append(Command(str(get("command_id", "")), get("verb"), float(get("value")), at_step=int(step),
+                           hold=bool(get("hold", False))))
     # Stable sort: commands applied at the same step keep their original order.
     return sorted(out, key=lambda c: c.at_step)
 

@@ -3,13 +3,15 @@
 See API.md next to this file for the contract with the training loop and
 docs/schedules.md for every schedule's parameters.
 """
-from .base import CommonParams, NoDecayFactor, NoiseParams, Schedule
+from .ahead import consequence
+from .base import CommonParams, DecayCannotAct, NoDecayFactor, NoiseParams, Schedule
 from .factory import CONTROL_KINDS, ScheduleParams, apply_control, build_schedule, parse_schedule, preview
 from .registry import REGISTRY, decay_schedules
 
 __all__ = [
     "CONTROL_KINDS",
     "CommonParams",
+    "DecayCannotAct",
     "NoDecayFactor",
     "NoiseParams",
     "REGISTRY",
@@ -17,6 +19,7 @@ __all__ = [
     "ScheduleParams",
     "apply_control",
     "build_schedule",
+    "consequence",
     "decay_schedules",
     "parse_schedule",
     "preview",

@@ -46,6 +46,22 @@ class CyclicSchedule(Schedule):
     def decays_at(self, t: float) -> float:
         return self.cycle(t)[0]
 
+    def _decay_ahead(self, step: int, last: int) -> str:
+        # Cycle i starts with peak base_lr * decays of cycles 1..i; cycles from
+        # cycle_limit on sit at min_lr, so only restarts before that limit are decays.
+        limit = self.params.cycle_limit
+        n = self.decay_count(step)
+        if min(self.decay_count(last), limit - 1) > n:
+            return ""
+        if limit == 1:
+            return (f"{self.name} has a single cycle (cycle_limit 1): no restart follows, so cycle_decay "
+                    "never acts; cycle_decay only scales the peaks of later cycles")
+        if n >= limit - 1:
+            return (f"{self.name} is in its last cycle (cycle {n + 1} of cycle_limit {limit}): no restart "
+                    "follows, so cycle_decay would change nothing")
+        return (f"{self.name}'s next restart (cycle {n + 2}) would start after the run's last step ({last}): "
+                "cycle_decay would change nothing")
+
     def curve(self, t: float) -> float:
         i, t_i, t_curr = self.cycle(t)
         if i >= self.params.cycle_limit:

@@ -1,7 +1,8 @@
 """Schedule base class: clock, warmup, noise, and the live controls (set_lr, set_decay).
 
 A schedule is a pure function of the optimizer step plus a small amount of control
-state (the LR rescale anchor, the decay-factor history and, for plateau, its counters).
+state (the LR rescale anchor, an LR hold, the decay-factor history and, for plateau, its
+counters).
 Keeping the function pure is what makes replay and ``preview`` exact: the training loop,
 the server's preview and a resumed run all evaluate the same ``lr_at``.
 """
@@ -17,6 +18,11 @@ from .registry import decay_schedules
 
 class NoDecayFactor(ValueError):
     """``set_decay`` on a schedule that has no decay factor."""
+
+
+class DecayCannotAct(ValueError):
+    """``set_decay`` at a step after which no decay happens (single cosine cycle, past the
+    last milestone, LR held...): the factor would change nothing, so it is refused."""
 
 
 class CommonParams(BaseModel):
@@ -76,6 +82,9 @@ class Schedule:
         # set_lr anchored it u == _den, so the requested value comes back bit-exact.
         self._num = 1.0
         self._den = 1.0
+        # (from_step, value): set_lr/scale_lr with hold pin the LR from that step on; a
+        # later set_lr/scale_lr without hold releases it (the shape rule applies again).
+        self._hold: Optional[tuple[int, float]] = None
         # [(n_from, gamma)]: gamma applies to the decays numbered after n_from.
         self._decay_history: list[tuple[float, float]] = (
             [(0.0, float(getattr(params, self.decay_param)))] if self.decay_param else []
@@ -111,6 +120,16 @@ class Schedule:
             return step / self.steps_per_epoch
         return float(step // self.steps_per_epoch)
 
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.epochs
+
+    def in_warmup(self, step: int) -> bool:
+        """Whether ``step`` is inside the linear warmup (monotone: True then False)."""
+        if self.per_batch_warmup and not self.params.per_step:
+            return step / self.steps_per_epoch < self.warmup
+        return self.epoch_time(step) < self.warmup
+
     def schedule_time(self, t: float) -> float:
         p = self.params
         if p.warmup_prefix:
@@ -129,14 +148,36 @@ class Schedule:
             tw = step / self.steps_per_epoch
             if tw < self.warmup:
                 t = tw
+            elif t < self.warmup:
+                # The warmup ended inside this epoch; the per-epoch curve only takes over at
+                # the next epoch. Upstream (cawb's step_batch) leaves the LR alone once the
+                # warmup is over, so it stays at the last warmup value until then.
+                t = self._last_warmup_step() / self.steps_per_epoch
         if t < self.warmup:
             lr = p.warmup_lr + t * ((self.warmup_target() - p.warmup_lr) / self.warmup)
         else:
             lr = self.curve(self.schedule_time(t))
         return self._noise(lr, t, step)
 
+    def _last_warmup_step(self) -> int:
+        spe = self.steps_per_epoch
+        k = max(math.ceil(self.warmup * spe) - 1, 0)
+        while (k + 1) / spe < self.warmup:  # float rounding of warmup * spe, both ways
+            k += 1
+        while k > 0 and k / spe >= self.warmup:
+            k -= 1
+        return k
+
     def lr_at(self, step: int) -> float:
+        hold = self._hold
+        if hold is not None and step >= hold[0]:
+            return hold[1]
         return self._num * (self.unscaled_lr(step) / self._den)
+
+    def held(self, step: int) -> Optional[tuple[int, float]]:
+        """(from_step, value) when a hold pins the LR at ``step``, else None."""
+        hold = self._hold
+        return hold if hold is not None and step >= hold[0] else None
 
     def _noise(self, lr: float, t: float, step: int) -> float:
         p = self.params
@@ -165,12 +206,16 @@ class Schedule:
 
     # -- controls ----------------------------------------------------------------------
 
-    def set_lr(self, step: int, value: float) -> tuple[float, float]:
+    def set_lr(self, step: int, value: float, hold: bool = False) -> tuple[float, float]:
         """From ``step`` on the LR is ``value``: the whole remaining curve (warmup, floor
         values such as min_lr/eta_min included) is multiplied by ``value / lr_at(step)``
-        so it keeps its shape."""
+        so it keeps its shape. With ``hold`` the LR stays ``value`` from ``step`` to the
+        end instead; a later set_lr without hold releases it."""
         value = _positive_finite("lr", value)
         old = self.lr_at(step)
+        if hold:
+            self._hold = (int(step), value)
+            return old, value
         u = self.unscaled_lr(step)
         if u == 0.0:
             raise ValueError(
@@ -178,11 +223,12 @@ class Schedule:
                 "apply the change at a later step"
             )
         self._num, self._den = value, u
+        self._hold = None
         return old, self.lr_at(step)
 
-    def scale_lr(self, step: int, factor: float) -> tuple[float, float]:
+    def scale_lr(self, step: int, factor: float, hold: bool = False) -> tuple[float, float]:
         factor = _positive_finite("lr scale factor", factor)
-        return self.set_lr(step, self.lr_at(step) * factor)
+        return self.set_lr(step, self.lr_at(step) * factor, hold)
 
     @property
     def decay(self) -> float:
@@ -207,12 +253,38 @@ class Schedule:
     def decay_count(self, step: int) -> float:
         return self.decays_at(self.schedule_time(self.epoch_time(step)))
 
+    def decay_ahead(self, step: int) -> str:
+        """'' when a decay factor set at ``step`` changes the LR at some later step of the
+        run; otherwise why it cannot (what set_decay refuses with)."""
+        if not self.decay_param:
+            return str(self._no_decay())
+        held = self.held(step)
+        if held is not None:
+            return (f"the LR is held at {held[1]:.4g} since step {held[0]} (set_lr --hold), so no decay "
+                    "acts; a set_lr/scale_lr without --hold releases the hold")
+        last = self.total_steps - 1
+        if step >= last:
+            return f"step {step} is the run's last step ({last}): no decay follows it"
+        return self._decay_ahead(step, last)
+
+    def _decay_ahead(self, step: int, last: int) -> str:
+        """Default: decays are counted by ``decay_count``; one must happen in (step, last]."""
+        n = self.decay_count(step)
+        if self.decay_count(last) > n:
+            return ""
+        return (f"{self.name}: no {self.decay_param} decay happens after step {step} "
+                f"(the run ends at step {last} with {n:g} decays done), so the factor would change nothing")
+
     def set_decay(self, step: int, gamma: float) -> tuple[float, float]:
         """``gamma`` is the decay factor of every decay that happens after ``step``;
-        decays already applied keep theirs, so the LR is continuous at ``step``."""
+        decays already applied keep theirs, so the LR is continuous at ``step``.
+        Raises DecayCannotAct when no decay happens after ``step``."""
         if not self.decay_param:
             raise self._no_decay()
         gamma = self.check_decay(gamma)
+        why = self.decay_ahead(step)
+        if why:
+            raise DecayCannotAct(why)
         old = self.decay
         n = float(self.decay_count(step))
         # Entries at or after n describe decays that have not happened yet: replace them.
@@ -235,6 +307,7 @@ class Schedule:
             "lr_num": self._num,
             "lr_den": self._den,
             "decay_history": [list(h) for h in self._decay_history],
+            "hold": list(self._hold) if self._hold is not None else None,
             **self._extra_state(),
         }
 
@@ -244,6 +317,8 @@ class Schedule:
         self._num = float(state["lr_num"])
         self._den = float(state["lr_den"])
         self._decay_history = [(float(a), float(b)) for a, b in state["decay_history"]]
+        hold = state.get("hold")  # absent in checkpoints from before holds existed
+        self._hold = (int(hold[0]), float(hold[1])) if hold else None
         self._load_extra_state(state)
 
     def describe(self) -> str:

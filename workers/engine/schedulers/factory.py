@@ -51,11 +51,14 @@ def build_schedule(params: Any, *, base_lr: float, steps_per_epoch: int, epochs:
 CONTROL_KINDS = ("set_lr", "scale_lr", "set_lr_decay")
 
 
-def apply_control(schedule: Schedule, step: int, kind: str, value: float) -> tuple[float, float]:
+def apply_control(schedule: Schedule, step: int, kind: str, value: float, hold: bool = False) -> tuple[float, float]:
+    """Apply one LR command at ``step``; ``hold`` (set_lr/scale_lr only) pins the LR."""
+    if hold and kind not in ("set_lr", "scale_lr"):
+        raise ValueError(f"hold applies to set_lr and scale_lr only, not {kind}")
     if kind == "set_lr":
-        return schedule.set_lr(step, value)
+        return schedule.set_lr(step, value, hold)
     if kind == "scale_lr":
-        return schedule.scale_lr(step, value)
+        return schedule.scale_lr(step, value, hold)
     if kind == "set_lr_decay":
         return schedule.set_decay(step, value)
     raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
@@ -67,29 +70,30 @@ def preview(
     base_lr: float,
     steps_per_epoch: int,
     epochs: int,
-    controls: Iterable[tuple[int, str, float]] = (),
+    controls: Iterable[tuple] = (),
     metric_fn: Optional[Callable[[int], Mapping[str, float]]] = None,
 ) -> list[float]:
     """The LR at every step of the run, driven exactly as the training loop drives it:
     for each step, apply the controls due at that step (in the given order), read
     ``lr_at(step)``; after an epoch's last step call ``on_epoch_end(epoch, metrics)``.
 
+    ``controls`` are (step, kind, value) or (step, kind, value, hold).
     ``metric_fn(epoch)`` supplies the metrics; by default every epoch reports the same
     value for every name a schedule might monitor, so a plateau schedule sees no
     improvement after its first epoch and decays every ``patience + 1`` epochs (plus
     ``cooldown``).
     """
     schedule = build_schedule(params, base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=epochs)
-    due: dict[int, list[tuple[str, float]]] = {}
-    for at, kind, value in controls:
+    due: dict[int, list[tuple[str, float, bool]]] = {}
+    for at, kind, value, *hold in controls:
         if kind not in CONTROL_KINDS:
             raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
-        due.setdefault(int(at), []).append((kind, float(value)))
+        due.setdefault(int(at), []).append((kind, float(value), bool(hold and hold[0])))
     metric_fn = metric_fn or _ConstantMetrics()
     out = []
     for s in range(steps_per_epoch * epochs):
-        for kind, value in due.get(s, ()):
-            apply_control(schedule, s, kind, value)
+        for kind, value, hold in due.get(s, ()):
+            apply_control(schedule, s, kind, value, hold)
         out.append(schedule.lr_at(s))
         if (s + 1) % steps_per_epoch == 0:
             schedule.on_epoch_end(s // steps_per_epoch, metric_fn(s // steps_per_epoch))

@@ -65,6 +65,20 @@ class GradualWarmup(Schedule):
             return self.base_lr * ((p.multiplier - 1.0) * t / p.total_epoch + 1.0)
         return self.after.value_at(self._child_time(t), max(step - self._offset_steps, 0))
 
+    def in_warmup(self, step: int) -> bool:
+        return self.epoch_time(step) < self.params.total_epoch
+
+    def _decay_ahead(self, step: int, last: int) -> str:
+        # The decays are `after`'s, on its own clock (which starts at total_epoch).
+        off = self._offset_steps
+        if self.after.name == "plateau":  # its epoch ends are ours, shifted by total_epoch
+            te, spe = self.params.total_epoch, self.steps_per_epoch
+            ends = sum(1 for e in range(step // spe, self.epochs - 1) if e + 1 - te > self.after.warmup and e + 1 > te)
+            return self.after.reduction_ahead(ends)
+        if last < off:
+            return f"gradual_warmup: the run ends during the warmup (step {last}): no decay of its `after` follows"
+        return self.after._decay_ahead(max(step - off, 0), last - off)
+
     def decay_count(self, step: int) -> float:
         tc = self._child_time(self.epoch_time(step))
         return self.after.decays_at(self.after.schedule_time(tc))

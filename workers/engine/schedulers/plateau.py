@@ -42,6 +42,28 @@ class Plateau(Schedule):
     def curve(self, t: float) -> float:
         return max(self.base_lr * self.decay_multiplier(self.reductions), self.params.min_lr)
 
+    def _decay_ahead(self, step: int, last: int) -> str:
+        # A reduction after the last epoch's end changes no step, and epoch ends inside
+        # the warmup are ignored: count the epoch ends that can still reduce the LR.
+        spe = self.steps_per_epoch
+        return self.reduction_ahead(sum(1 for e in range(step // spe, self.epochs - 1) if e + 1 > self.warmup))
+
+    def reduction_ahead(self, ends: int) -> str:
+        """'' when a reduction can still happen in the ``ends`` epoch ends left that a step
+        follows (and that the warmup does not ignore); otherwise why not."""
+        p = self.params
+        if self.cooldown_counter > 0:
+            needed = self.cooldown_counter + p.patience + 1
+        else:
+            needed = max(p.patience + 1 - self.num_bad_epochs, 1)
+        if self.curve(0.0) - p.min_lr <= p.eps:
+            return f"plateau: the LR is already at min_lr ({p.min_lr:g}): no reduction can follow"
+        if ends >= needed:
+            return ""
+        return (f"plateau: a reduction needs {needed} more epoch(s) without improvement in {p.monitor} "
+                f"(patience {p.patience}), but only {ends} epoch end(s) before the last epoch remain: "
+                "the factor would change nothing")
+
     def _better(self, a: float) -> bool:
         p, best = self.params, self.best
         if p.mode == "min":

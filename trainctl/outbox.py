@@ -1,7 +1,8 @@
-"""Everything a worker sends upstream goes through one `Outbox`, in order.
+"""Everything a worker (or an attached run's SDK) sends upstream goes through one
+`Outbox`, in order. Shared by workers/agent.py and trainctl/attach/.
 
 Rows arrive already batched (the run process sends at most one batch per
-`runner.LINGER_S`, see runner.py), so the gRPC request iterator sends whatever is waiting
+`runner.LINGER_S`, see workers/runner.py; the SDK one per its linger), so the gRPC request iterator sends whatever is waiting
 as soon as anything arrives: a fast run costs tens of messages a second, not one per
 step. Acks and state updates keep their place after the rows logged before them, so the
 last metrics precede the final state.
@@ -18,20 +19,19 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, NamedTuple, Optional
 
 from trainctl.v1 import trainctl_pb2 as pb
-from trainctl.workers.spill import UnackedBatches
+from trainctl.spill import UnackedBatches
 
 log = logging.getLogger(__name__)
 
 MAX_ROWS_PER_BATCH = 2000
+_SCOPES = dict(pb.Scope.items())  # "STEP" -> 1: the enum lookup, once
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):  # a tuple: one per logged row, so it must be cheap to make
     experiment_id: int
     attempt: int
     scope: int
@@ -55,6 +55,8 @@ class Outbox:
         # Sticky messages a stream already took from the outbox: only these are resent
         # after a reconnect (the others are still queued, behind the rows before them).
         self._delivered: set[tuple] = set()
+        # Fenced attempts: whatever of theirs is still queued is skipped, not sent.
+        self._dropped: set[tuple[int, int]] = set()
 
     # ------------------------------------------------------------------ producers
     def send(self, msg: pb.WorkerMessage, *, sticky: bool = False) -> None:
@@ -71,8 +73,10 @@ class Outbox:
 
     def add_rows(self, experiment_id: int, attempt: int, rows: list[tuple]) -> None:
         """A batch of (scope, step, epoch, wall_time, values) rows from a run process."""
+        if (experiment_id, attempt) in self._dropped:
+            return
         for scope, step, epoch, wall_time, values in rows:
-            self._items.append(_Row(experiment_id, attempt, pb.Scope.Value(scope), step, epoch, wall_time, values))
+            self._items.append(_Row(experiment_id, attempt, _SCOPES[scope], step, epoch, wall_time, values))
         self._wake.set()
 
     def acked(self, experiment_id: int, attempt: int, seq: int) -> None:
@@ -80,18 +84,42 @@ class Outbox:
             self.unacked.ack(experiment_id, attempt, seq)
 
     def forget(self, experiment_id: int, attempt: int) -> None:
-        """Drop what is still unacked for a fenced attempt: the server refuses it anyway."""
+        """Drop everything of a fenced attempt: unacked batches, rows and messages still
+        queued, and its sticky state/acks (the server refuses them anyway, and resending
+        them after every reconnect would only cost). Rows it adds later are dropped too."""
+        key = (experiment_id, attempt)
         with self._lock:
+            self._dropped.add(key)
             self.unacked.forget(experiment_id, attempt)
+            for k in [k for k in self._sticky if k[1:3] == key]:
+                del self._sticky[k]
+                self._delivered.discard(k)
+
+    def wake(self) -> None:
+        """Wake the stream's iterator now (e.g. so it sees its `stop` at once)."""
+        self._wake.set()
+
+    def seal_queued(self) -> None:
+        """While no stream is open: turn queued rows into sealed batches now, so a long
+        outage keeps them in `unacked` (bounded memory, then disk) instead of an ever
+        longer queue; they go out with the resends of the next stream. Other queued
+        messages are dropped unless sticky (those are resent anyway)."""
+        for _ in self._messages(self._drain()):
+            pass
 
     def pending(self) -> int:
-        return len(self._items) + len(self.unacked)
+        queued = len(self._items)
+        if self._dropped:
+            queued = sum(1 for item in list(self._items) if _run_of(item) not in self._dropped)
+        return queued + len(self.unacked)
 
     # ------------------------------------------------------------------ the consumer
-    def stream(self, hello: pb.WorkerMessage, heartbeat, interval: float,
+    def stream(self, hello, heartbeat, interval: float,
                stop: threading.Event) -> Iterator[pb.WorkerMessage]:
-        """The request iterator of one Connect call: hello, resends, then live traffic."""
-        yield hello
+        """The request iterator of one Connect call: hello, resends, then live traffic.
+        `hello` is the message, or a function that makes it (it may wait: the call is
+        open meanwhile, so a refused token is known before the hello is ready)."""
+        yield hello() if callable(hello) else hello
         with self._lock:
             resend = list(self.unacked)
             sticky = [m for k, m in self._sticky.items() if k in self._delivered]
@@ -115,7 +143,10 @@ class Outbox:
     def _drain(self) -> list[object]:
         items = []
         while self._items:
-            items.append(self._items.popleft())
+            item = self._items.popleft()
+            if self._dropped and _run_of(item) in self._dropped:
+                continue
+            items.append(item)
         return items
 
     def _messages(self, items: list[object]) -> Iterator[pb.WorkerMessage]:
@@ -138,14 +169,17 @@ class Outbox:
 
     def _batches(self, rows: list[_Row]) -> Iterator[pb.WorkerMessage]:
         batch: Optional[pb.MetricBatch] = None
-        for r in rows:
+        key: tuple = ()  # (experiment_id, attempt, scope, names) of `batch`, kept in Python:
+        for r in rows:   # reading them back from the message costs more than the row itself
             names = sorted(r.values)
-            if batch is None or (batch.experiment_id, batch.attempt, batch.scope) != (r.experiment_id, r.attempt, r.scope) \
-                    or list(batch.names) != names:
+            if batch is None or key != (r.experiment_id, r.attempt, r.scope, names):
                 if batch is not None:
                     yield self._seal(batch)
+                key = (r.experiment_id, r.attempt, r.scope, names)
                 batch = pb.MetricBatch(experiment_id=r.experiment_id, attempt=r.attempt, scope=r.scope, names=names)
-            batch.rows.add(step=r.step, epoch=r.epoch, wall_time=r.wall_time, values=[r.values[n] for n in names])
+            add = batch.rows.add
+            values = r.values
+            add(step=r.step, epoch=r.epoch, wall_time=r.wall_time, values=[values[n] for n in names])
         if batch is not None:
             yield self._seal(batch)
 
@@ -156,6 +190,13 @@ class Outbox:
             self._seq[key] = batch.seq
             self.unacked.add((*key, batch.seq), batch)
         return pb.WorkerMessage(metrics=batch)
+
+
+def _run_of(item: object) -> tuple[int, int]:
+    if isinstance(item, _Row):
+        return item.experiment_id, item.attempt
+    body = getattr(item, item.WhichOneof("msg"))  # type: ignore[union-attr]
+    return getattr(body, "experiment_id", 0), getattr(body, "attempt", 0)
 
 
 def _sticky_key(msg: pb.WorkerMessage) -> tuple:
