@@ -25,7 +25,7 @@ from trainctl.workers.engine.loop import Trainer, seed_everything
 from trainctl.workers.engine.losses import build_loss
 from trainctl.workers.engine.models import build_model
 from trainctl.workers.engine.optim import build_optimizer
-from trainctl.workers.engine.schedulers import build_schedule
+from trainctl.schedules import build_schedule
 
 
 def bare(spec) -> dict:

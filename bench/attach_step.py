@@ -11,6 +11,9 @@
    bootstrap 95 % interval. Target (issue 12): >= 0.99.
 3. With --ack: a client sends scale-lr 1.0 every 0.2 s during the SDK rounds; time to
    the APPLIED answer, p50/p99 (target: one step + 20 ms).
+4. --ddp (python bench/attach_step.py --ddp --steps 4000): 2 gloo CPU ranks; us per
+   `run.step()` with sync_every 16 and 1, nothing due and with commands; a DDP loop's
+   SDK/bare ratio.
 """
 from __future__ import annotations
 
@@ -94,8 +97,89 @@ def loop(steps: int, run=None) -> float:
     return steps / (time.perf_counter() - t0)
 
 
+def ddp_rank(rank: int, port: int, steps: int) -> None:
+    """One of 2 gloo CPU ranks (--ddp): per-step cost of the SDK's rank sync, timed on
+    `run.step()` alone (no training: the sync is all there is), nothing due and with a
+    command arriving on rank 0 every 50 steps; then a DDP loop bare vs with the SDK."""
+    import json
+    import os
+    import torch.distributed as dist
+    from trainctl.v1 import trainctl_pb2 as pb
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    res = {}
+    for every in (16, 1):
+        run = trainctl.init(name="bench-ddp", server="127.0.0.1:1", sync_every=every)
+        run.attach(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1))
+        for label, cmd_every in (("nothing due", 0), ("a command every 50 steps", 50)):
+            dist.barrier()
+            t0 = time.perf_counter_ns()
+            for i in range(steps):
+                if cmd_every and rank == 0 and i % cmd_every == 0:
+                    run._incoming.append(pb.ControlCommand(command_id=f"c{every}-{i}", kind=pb.SCALE_LR, value=1.0))
+                run.step()
+            res[f"run.step(), sync_every={every}, {label}"] = (time.perf_counter_ns() - t0) / steps
+        run.finish(timeout=0.5)
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def ddp_loop(run) -> float:
+        torch.manual_seed(0)
+        model = DDP(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        if run is not None:
+            run.attach(opt)
+        x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+        dist.barrier()
+        t0 = time.perf_counter()
+        for i in range(steps // 4):
+            if run is not None:
+                run.step()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if run is not None:
+                run.log(loss=loss.detach(), acc=0.5, grad_norm=1.0, tokens=i)
+        return (steps // 4) / (time.perf_counter() - t0)
+
+    run = trainctl.init(name="bench-ddp-loop", server="127.0.0.1:1")
+    ratios = []
+    for r in range(6):
+        arms = (None, run) if r % 2 == 0 else (run, None)
+        got = {id(a): ddp_loop(a) for a in arms}
+        ratios.append(got[id(run)] / got[id(None)])
+    run.finish(timeout=0.5)
+    lo, hi = bootstrap_ci(ratios)
+    res["ddp loop ratio SDK/bare"] = f"{median(ratios):.3f} [{lo:.3f}, {hi:.3f}]"
+    if rank == 0:
+        print(json.dumps(res), flush=True)
+    dist.destroy_process_group()
+
+
+def ddp_main(steps: int) -> int:
+    import json
+    import os
+    import subprocess
+    from _common import free_port
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, __file__, "--ddp-rank", str(r), "--port", str(port), "--steps",
+                               str(steps)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for r in range(2)]
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    res = json.loads([ln for ln in outs[0].splitlines() if ln.startswith("{")][-1])
+    print(machine())
+    table(["measure (2 gloo CPU ranks, rank 0)", "value"],
+          [[k, f"{v / 1000:.1f} us" if isinstance(v, float) else v] for k, v in res.items()],
+          title=f"attach SDK under DDP, {steps} steps")
+    return 0
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
+    p.add_argument("--ddp", action="store_true", help="2 gloo CPU ranks: the rank-sync cost per step")
+    p.add_argument("--ddp-rank", type=int, default=-1)
+    p.add_argument("--port", type=int, default=0)
     p.add_argument("--offline", action="store_true")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000)
@@ -103,6 +187,11 @@ def main() -> int:
     p.add_argument("--ack", action="store_true", help="also measure scale-lr ack latency during the SDK rounds "
                                                      "(its client shares the box: not in the ratio runs)")
     args = p.parse_args()
+    if args.ddp_rank >= 0:
+        ddp_rank(args.ddp_rank, args.port, args.steps)
+        return 0
+    if args.ddp:
+        return ddp_main(args.steps)
     torch.set_num_threads(1)
     cluster = None if args.offline else Cluster()
     try:

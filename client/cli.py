@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 
+from trainctl import controls
 from trainctl.client.sdk import DEFAULT_ADDRESS, Client, TrainctlError
 
 
@@ -178,8 +179,7 @@ def _control(args, kind: str) -> int:
 
 
 def cmd_set_decay(args) -> int:
-    kinds = {"lr": "SET_LR_DECAY", "ema": "SET_EMA_DECAY", "weight": "SET_WEIGHT_DECAY"}
-    return _control(args, kinds[args.target])
+    return _control(args, controls.DECAY_TARGETS[args.target])
 
 
 def cmd_cancel(args) -> int:
@@ -381,9 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(s)
     s.set_defaults(fn=cmd_metrics)
 
-    for name, kind, help_ in (("set-lr", "SET_LR", "set the learning rate (the schedule keeps its shape)"),
-                              ("scale-lr", "SCALE_LR", "multiply the learning rate")):
-        s = sub.add_parser(name, help=help_)
+    helps = {"SET_LR": "set the learning rate (the schedule keeps its shape)",
+             "SCALE_LR": "multiply the learning rate"}
+    for verb in (v for v in controls.VERBS if v.holds):  # set-lr, scale-lr
+        kind = verb.name
+        s = sub.add_parser(verb.cli, help=helps.get(kind))
         s.add_argument("id", type=int)
         s.add_argument("value", type=float)
         s.add_argument("--wait", type=float, default=10.0, help="seconds to wait for the worker's ack")
@@ -398,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("set-decay", help="set a decay rate: LR schedule factor, model EMA or weight decay")
     s.add_argument("id", type=int)
     s.add_argument("value", type=float)
-    s.add_argument("--target", choices=["lr", "ema", "weight"], default="lr")
+    s.add_argument("--target", choices=list(controls.DECAY_TARGETS), default="lr")
     s.add_argument("--wait", type=float, default=10.0)
     s.add_argument("--dry-run", action="store_true", help="show what it would do ahead, store and send nothing")
     s.add_argument("--json", action="store_true")
@@ -413,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="check name and bounds, store and send nothing")
     s.add_argument("--json", action="store_true")
     _add_conn(s)
-    s.set_defaults(fn=lambda a: _control(a, "SET_KNOB"))
+    s.set_defaults(fn=lambda a: _control(a, controls.BY_VERB[controls.KNOB_VERB].name))
 
     s = sub.add_parser("cancel", help="cancel an experiment")
     s.add_argument("id", type=int)

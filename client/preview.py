@@ -1,7 +1,7 @@
 """`trainctl schedule preview`: the LR at every step of a spec, without training.
 
 The curve comes from the schedule code the worker runs, driven in the loop's order
-(workers/engine/schedulers/API.md): per step, the spec's `control:` entries due at
+(trainctl/schedules/API.md): per step, the spec's `control:` entries due at
 that step are applied first, then `lr_at(step)` is read; after an epoch's last step
 `on_epoch_end` is called (with the constant metrics `schedulers.preview` uses, so a
 plateau schedule decays every `patience + 1` epochs).
@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from trainctl.spec import Spec, SpecError, check_control_value, load_spec_file, parse_spec
-from trainctl.workers.engine.schedulers import CONTROL_KINDS, apply_control, build_schedule, consequence
-from trainctl.workers.engine.schedulers.factory import _ConstantMetrics
+from trainctl.controls import SCHEDULE_VERBS
+from trainctl.schedules import apply_control, build_schedule, consequence
+from trainctl.schedules.factory import _ConstantMetrics
 
 SPARK = "▁▂▃▄▅▆▇█"
 
@@ -88,7 +89,7 @@ def dataset_steps_per_epoch(spec: Spec) -> int:
     over the real train loader). Known from the dataset's size where it is fixed
     (digits, synthetic: `datasize`), so nothing is loaded and torch is not imported;
     counted from the real loader otherwise (imagefolder)."""
-    from trainctl.workers.engine.datasize import steps_per_epoch as known
+    from trainctl.datasize import steps_per_epoch as known
 
     try:
         spe = known(spec)
@@ -131,7 +132,7 @@ def known_total_steps(spec: dict) -> Optional[int]:
     """Optimizer steps of a whole run when the spec alone tells (for the watch bar's
     total), else None. Never loads data."""
     try:
-        from trainctl.workers.engine.datasize import steps_per_epoch as known
+        from trainctl.datasize import steps_per_epoch as known
 
         parsed = load_spec(spec)
         spe = known(parsed)
@@ -185,7 +186,7 @@ def preview_spec(spec: Union[Spec, str, Path, dict], *, steps_per_epoch: Optiona
 
 
 def _apply(schedule, step: int, o: ControlOutcome) -> None:
-    if o.verb not in CONTROL_KINDS:
+    if o.verb not in SCHEDULE_VERBS:
         o.status, o.message = "NOT_LR", "no effect on the LR"
         return
     try:

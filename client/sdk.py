@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Union
 
 import grpc
 
+from trainctl import controls
 from trainctl.transport import auth_metadata, open_channel, tls_hint
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
@@ -350,7 +351,7 @@ class Client:
     # ------------------------------------------------------------------ steering
     def control(self, id: int, kind: str, value: float, *, wait: float = 10.0, command_id: Optional[str] = None,
                 dry_run: bool = False, hold: bool = False, knob: str = "") -> ControlResult:
-        try:
+        try:  # any enum name (UNSPECIFIED too: the server says why it refuses it)
             k = pb.ControlKind.Value(kind.upper())
         except ValueError:
             raise ValueError(f"kind: unknown control kind {kind!r}") from None
@@ -369,7 +370,7 @@ class Client:
         return self.control(id, "SET_KNOB", value, knob=name, **kw)
 
     def set_decay(self, id: int, value: float, target: str = "lr", **kw) -> ControlResult:
-        kinds = {"lr": "SET_LR_DECAY", "ema": "SET_EMA_DECAY", "weight": "SET_WEIGHT_DECAY"}
+        kinds = controls.DECAY_TARGETS
         if target not in kinds:
             raise ValueError(f"target: must be one of {', '.join(kinds)}, got {target!r}")
         return self.control(id, kinds[target], value, **kw)

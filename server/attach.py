@@ -35,6 +35,21 @@ log = logging.getLogger(__name__)
 
 SESSION_PREFIX = "attached-"  # worker ids of this form are only ever attached sessions
 MAX_NAME = 128
+# Client-chosen attach key (gRPC metadata: the proto has no field for it). It becomes the
+# run token, so a retried Attach whose first reply was lost finds its run by the token's
+# hash (also after a server restart) instead of creating a second experiment. Being a
+# bearer secret, it must be long and random: 32..128 URL-safe characters.
+ATTACH_KEY = "trainctl-attach-key"
+_KEY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def attach_key(context) -> str:
+    """The request's attach key, '' when none; `None` when malformed."""
+    for k, v in context.invocation_metadata() or ():
+        if k == ATTACH_KEY:
+            v = v if isinstance(v, str) else v.decode("ascii", "replace")
+            return v if 32 <= len(v) <= 128 and set(v) <= _KEY_CHARS else None
+    return ""
 
 
 def token_hash(token: str) -> str:
@@ -71,19 +86,33 @@ async def attach(service, request: pb.AttachRequest, context) -> pb.AttachRespon
         original = await service._get(replay_of, context)  # NOT_FOUND names the id
         replayed = [r for r in await service.db(service.store.list_controls, original.id)
                     if r.source != e.SCHEDULED and r.status == e.APPLIED]
-    token = secrets.token_urlsafe(32)
+    key = attach_key(context)
+    if key is None:
+        await bad_request(context, "Attach", f"metadata {ATTACH_KEY}: 32..128 URL-safe characters "
+                                             "(A-Z a-z 0-9 - _), e.g. secrets.token_urlsafe(32)")
+    token = key or secrets.token_urlsafe(32)
+    suffix = secrets.token_hex(4)
     try:
-        x = await service.db(service.store.create_attached, name, config, session_suffix=secrets.token_hex(4),
+        x = await service.db(service.store.create_attached, name, config, session_suffix=suffix,
                              run_token_hash=token_hash(token), tags=list(request.tags), replay_of=replay_of)
     except ValueError as exc:  # a malformed tag, named by the store
         await bad_request(context, "Attach", str(exc))
     now = time.time()
     records = []
+    if not x.worker_id.endswith(f"-{suffix}"):  # this key's run exists: the same answer again
+        if x.name != name or (x.replay_of or None) != replay_of:
+            await bad_request(context, "Attach", f"metadata {ATTACH_KEY}: already attached experiment {x.id} "
+                                                 f"({x.name!r}); a retry must send the same name and replay_of")
+        records = [r for r in await service.db(service.store.list_controls, x.id)
+                   if r.source == e.REPLAYED and r.status == e.PENDING]
+        replayed = []
+        log.info("experiment %d %r: Attach retried with its key; same run", x.id, x.name)
     for r in replayed:
         records.append(await service.db(service.store.add_control, e.ControlRecord(
             command_id=uuid.uuid4().hex, experiment_id=x.id, kind=r.kind, value=r.value, status=e.PENDING,
             source=e.REPLAYED, requested_at=now, at_step=r.applied_step, hold=r.hold, knob=r.knob)))
-    service.dispatcher.hold_attached(x)
+    if x.state in (e.ASSIGNED, e.RUNNING):  # (a retried key whose run already ended gets it as is)
+        service.dispatcher.hold_attached(x)
     service.live.experiment_changed(x)
     log.info("experiment %d %r attached (session %s)%s", x.id, x.name, x.worker_id,
              f", replaying {len(records)} commands of experiment {replay_of}" if replay_of else "")

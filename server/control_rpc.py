@@ -27,7 +27,7 @@ from trainctl.server.store import entities as e
 from trainctl.server.store.errors import AlreadyExists, StoreError
 from trainctl.spec import check_control_value, parse_spec
 from trainctl.v1 import trainctl_pb2 as pb
-from trainctl.wire import KNOB_VERB, verb_of
+from trainctl.controls import KNOB_VERB, verb_of
 
 log = logging.getLogger(__name__)
 

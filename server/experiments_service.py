@@ -134,8 +134,11 @@ class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         session = self.dispatcher.session_for(x.id)
         if session is not None:
+            # The run keeps its lease until it reports CANCELLED (or the lease expires), so
+            # the rows it trained before it saw the stop are still stored, not refused.
             session.send(convert.stop_message(x.id, x.attempt, pb.STOP_CANCELLED, reason))
-        self.dispatcher.release(x.id, x.attempt)
+        else:
+            self.dispatcher.release(x.id, x.attempt)
         log.info("experiment %d cancelled (attempt %d): %s", x.id, x.attempt, reason)
         await self.live.run_changed(x)
         return convert.experiment_to_pb(x)

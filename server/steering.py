@@ -8,10 +8,10 @@ gRPC here; `experiments_service.Control` maps the answers to statuses):
   would apply at (spec + applied control log + reported epoch metrics), used to refuse a
   `set_lr_decay` no decay can follow (FAILED_PRECONDITION, item 2 of issue 11) and to
   answer a `dry_run` with the same words the worker's ack would carry
-  (`schedulers.consequence`).
+  (`schedules.consequence`).
 
 Steps per epoch come from what the run reported (its first epoch row) when there is
-one, else from the spec's data size (`engine.datasize`, exact for digits/digits_lt/
+one, else from the spec's data size (`trainctl.datasize`, exact for digits/digits_lt/
 synthetic); for imagefolder before the first epoch there is no forecast and the worker
 alone decides.
 """
@@ -21,28 +21,25 @@ import math
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
-from trainctl.spec import Spec
-from trainctl.workers.engine.datasize import steps_per_epoch as spec_steps_per_epoch
-from trainctl.workers.engine.schedulers import (
-    CONTROL_KINDS,
+from trainctl.controls import HOLD_VERBS, SCHEDULE_VERBS
+from trainctl.datasize import steps_per_epoch as spec_steps_per_epoch
+from trainctl.schedules import (
     NoDecayFactor,
     Schedule,
     apply_control,
     build_schedule,
     consequence,
 )
-from trainctl.workers.engine.schedulers.ahead import fmt
-from trainctl.workers.engine.schedulers.factory import _ConstantMetrics
-
-HOLD_VERBS = ("set_lr", "scale_lr")
+from trainctl.schedules.ahead import fmt
+from trainctl.schedules.factory import _ConstantMetrics
+from trainctl.schedules.registry import decay_param_of, no_decay_message
+from trainctl.spec import Spec
 
 
 def static_refusal(spec: Spec, verb: str) -> str:
     """Why ``verb`` can never apply to this spec, or ''."""
-    if verb == "set_lr_decay":
-        sched = build_schedule(spec.schedule, base_lr=spec.optimizer.lr, steps_per_epoch=1, epochs=spec.train.epochs)
-        if not sched.decay_param:
-            return str(sched._no_decay())
+    if verb == "set_lr_decay" and not decay_param_of(spec.schedule):
+        return no_decay_message(spec.schedule.name)
     if verb == "set_ema_decay" and spec.train.ema is None:
         return "set_ema_decay needs model EMA; this experiment's spec has no train.ema"
     return ""
@@ -79,7 +76,7 @@ class Forecast:
         metrics = epoch_metrics or {}
         fallback = _ConstantMetrics()
         # The loop's order: a step's commands, then (after an epoch's last step) its end.
-        events = [(c.step, 0, i, c) for i, c in enumerate(log) if c.step <= step and c.verb in CONTROL_KINDS]
+        events = [(c.step, 0, i, c) for i, c in enumerate(log) if c.step <= step and c.verb in SCHEDULE_VERBS]
         last_end = min(step // steps_per_epoch, spec.train.epochs)
         events += [((e + 1) * steps_per_epoch - 1, 1, e, None) for e in range(last_end)]
         for at, kind, e, c in sorted(events, key=lambda ev: ev[:3]):
@@ -103,7 +100,7 @@ class Forecast:
 
     def try_command(self, verb: str, value: float, hold: bool = False) -> tuple[float, float, str]:
         """(old, new, consequence) of ``verb`` applied at ``step`` (mutates the forecast)."""
-        if verb in CONTROL_KINDS:
+        if verb in SCHEDULE_VERBS:
             old, new = apply_control(self.schedule, self.step, verb, value, hold)
             return old, new, consequence(self.schedule, self.step, verb)
         if verb == "set_weight_decay":

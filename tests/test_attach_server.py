@@ -405,3 +405,43 @@ async def test_cli_set_and_client_set_steer_a_knob(tmp_path, capsys):
         rc = await loop.run_in_executor(None, main, ["set", str(xid), "nope", "1", "--server", f"127.0.0.1:{port}"])
         assert rc != 0
         assert "its knobs: tau" in capsys.readouterr().err
+
+
+KEY = "k" * 20 + "0123456789_-ABCDEF"  # 38 URL-safe characters
+
+
+async def keyed(srv, key=KEY, name="mine", **kw):
+    return await srv.experiments.Attach(pb.AttachRequest(name=name, config=struct_from_dict({"lr": 0.1}), **kw),
+                                        metadata=(("trainctl-attach-key", key),))
+
+
+@in_loop
+async def test_an_attach_retried_with_its_key_returns_the_same_run_not_a_second(tmp_path):
+    """The SDK retries an Attach whose reply was lost with the same attach key: the same
+    experiment, token and session come back (also after a server restart), never a
+    second experiment; without a key each Attach is a new run, as before."""
+    db = tmp_path / "trainctl.db"
+    async with serve(db, lease_timeout=5.0) as (srv, _):
+        orig = await srv.experiments.Submit(pb.SubmitRequest(spec=struct_from_dict(SPEC)))
+        a = await keyed(srv, replay_of=orig.id)
+        b = await keyed(srv, replay_of=orig.id)
+        assert (b.experiment.id, b.worker_id, b.run_token, b.attempt) == \
+               (a.experiment.id, a.worker_id, a.run_token, a.attempt)
+        assert a.run_token == KEY  # the key is the run token: only its hash is stored
+        assert len(await srv.db(srv.store.list_experiments)) == 2  # the spec run and ONE attached run
+        # A different name with the same key is a client bug: refused, naming the metadata.
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await keyed(srv, name="other", replay_of=orig.id)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "trainctl-attach-key" in err.value.details()
+        for bad in ("short", "x" * 40 + "!", "y" * 200):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await keyed(srv, key=bad)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "trainctl-attach-key" in err.value.details()
+        c, d = await attach(srv), await attach(srv)  # no key: two runs
+        assert c.experiment.id != d.experiment.id and c.run_token != d.run_token
+        s = await connect(srv, b)  # the retried answer's session and token work
+        await s.expect("welcome")
+    async with serve(db, lease_timeout=5.0) as (srv, _):
+        again = await keyed(srv, replay_of=orig.id)
+        assert again.experiment.id == a.experiment.id
+        assert len(await srv.db(srv.store.list_experiments)) == 4

@@ -17,7 +17,7 @@ from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.wire import struct_from_dict
 from trainctl.workers.engine.context import Command
 from trainctl.workers.engine.control import ControlTargets, apply_command
-from trainctl.workers.engine.schedulers import build_schedule
+from trainctl.schedules import build_schedule
 
 from .scripted import in_loop, running_server
 

@@ -6,7 +6,7 @@ from pydantic import ValidationError
 
 from trainctl.workers.engine.data import (DataError, _translate, build_data,
                                           long_tail_counts)
-from trainctl.workers.engine.params import DataParams
+from trainctl.params.model_data import DataParams
 
 
 @pytest.fixture(scope="module")

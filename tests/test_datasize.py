@@ -1,9 +1,9 @@
-"""`engine.datasize`: steps per epoch from the spec alone (no data loaded, no torch), the
+"""`trainctl.datasize`: steps per epoch from the spec alone (no data loaded, no torch), the
 one count the server's dry runs and `schedule preview` share, against the real loaders."""
 import pytest
 
 from trainctl.spec import parse_spec
-from trainctl.workers.engine.datasize import steps_per_epoch, train_samples
+from trainctl.datasize import steps_per_epoch, train_samples
 
 
 def _spec(**data):
@@ -37,6 +37,6 @@ def test_no_torch_needed():
     import subprocess
     import sys
 
-    code = ("import sys; from trainctl.workers.engine.datasize import steps_per_epoch; "
+    code = ("import sys; from trainctl.datasize import steps_per_epoch; "
             "import trainctl.server.steering; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)

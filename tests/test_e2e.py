@@ -10,7 +10,7 @@ import pytest
 from tests.conftest import digits_spec
 from trainctl.spec import parse_spec
 from trainctl.workers.engine.data import build_data
-from trainctl.workers.engine.schedulers import build_schedule
+from trainctl.schedules import build_schedule
 
 pytestmark = pytest.mark.slow
 

@@ -199,6 +199,23 @@ async def test_cancel_is_idempotent_and_sends_a_typed_stop(tmp_path):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
+@in_loop
+async def test_rows_a_run_trained_before_it_saw_the_cancel_are_kept(tmp_path):
+    async with running_server(tmp_path, lease_timeout=5.0) as srv:
+        x, w, a = await _assigned(srv)
+        w.state(x.id, a.attempt, pb.RUNNING)
+        w.metrics(x.id, a.attempt, 1, range(3))
+        await srv.until(lambda: srv.store.count_metrics(x.id) == 3, what="3 points")
+        await srv.experiments.Cancel(pb.CancelRequest(id=x.id))
+        await w.expect("cancel")
+        # In flight when the stop went out: still the run's own work, so it is stored.
+        w.metrics(x.id, a.attempt, 2, range(3, 6))
+        w.state(x.id, a.attempt, pb.CANCELLED)
+        await srv.until(lambda: srv.store.count_metrics(x.id) == 6, what="6 points")
+        await srv.until(lambda: x.id not in srv.dispatcher.leases, what="lease released")
+        assert srv.store.get_experiment(x.id).state == "CANCELLED"
+
+
 async def _complete(srv, exp_id):
     claimed = await srv.db(srv.store.claim_next, "direct", 0)
     assert claimed.id == exp_id

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 from trainctl.workers.engine.losses import NormedLinear
 from trainctl.workers.engine.models import (ModelError, build_model, known_model,
                                             suggest_models)
-from trainctl.workers.engine.params import ModelParams
+from trainctl.params.model_data import ModelParams
 
 
 def build(name="resnet10t", num_classes=10, in_chans=1, **kw):
@@ -107,7 +107,7 @@ def test_shape_and_kwargs_errors():
 
 
 def test_spec_modules_do_not_import_torch():
-    code = ("import sys; import trainctl.workers.engine.params, trainctl.workers.engine.models,"
+    code = ("import sys; import trainctl.params.model_data, trainctl.workers.engine.models,"
             " trainctl.workers.engine.losses; assert 'torch' not in sys.modules, 'torch'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -16,7 +16,7 @@ from trainctl.client.cli import main
 from trainctl.client.preview import preview_spec, sparkline
 from trainctl.spec import parse_spec
 from trainctl.workers.engine.data import build_data
-from trainctl.workers.engine.schedulers import apply_control, build_schedule, preview
+from trainctl.schedules import apply_control, build_schedule, preview
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -1,4 +1,5 @@
-"""Runs train in their own process (workers/runner.py): the pipe protocol between the
+"""Runs train in their own process (workers/runner.py, the agent side, and
+workers/run_process.py): the typed pipe protocol (workers/pipe.py) between the
 run process and the agent, and what happens when either side dies. Real processes,
 a real pipe; the agent-side tests use a real server and worker."""
 from __future__ import annotations
@@ -11,17 +12,17 @@ import time
 import pytest
 
 from tests.conftest import digits_spec
-from trainctl.workers import runner
+from trainctl.workers import pipe, run_process, runner
 from trainctl.workers.engine.context import Ack, Command
 
 
 def _child_logs_rows(conn, n: int, gap_s: float) -> None:
-    sink = runner.BatchingSink(conn.send)
+    sink = run_process.BatchingSink(conn.send)
     for step in range(n):
         sink.log("STEP", step, 0, {"loss": float(step)})
         time.sleep(gap_s)
     sink.log("EPOCH", n, 0, {"val_top1": 0.5})
-    conn.send(("done",))
+    conn.send(pipe.Done("completed", {}))
 
 
 def test_batching_sink_batches_rows_and_sends_epoch_rows_at_once():
@@ -32,9 +33,10 @@ def test_batching_sink_batches_rows_and_sends_epoch_rows_at_once():
     batches = []
     while True:
         msg = here.recv()
-        if msg[0] == "done":
+        if isinstance(msg, pipe.Done):
             break
-        batches.append(msg[1])
+        assert isinstance(msg, pipe.Rows), msg
+        batches.append(msg.rows)
     p.join()
     rows = [r for b in batches for r in b]
     assert [(r[0], r[1]) for r in rows] == [("STEP", s) for s in range(60)] + [("EPOCH", 60)]
@@ -46,18 +48,19 @@ def test_batching_sink_batches_rows_and_sends_epoch_rows_at_once():
 
 def test_pipe_inbox_reads_controls_and_cancel_at_step_boundaries():
     here, there = multiprocessing.Pipe()
-    inbox = runner.PipeInbox(there, scheduled=[Command("s", "set_lr", 0.5, at_step=3)])
-    here.send(("control", Command("live", "scale_lr", 0.1)))
+    inbox = run_process.PipeInbox(there, scheduled=[Command("s", "set_lr", 0.5, at_step=3)])
+    here.send(pipe.Control(Command("live", "scale_lr", 0.1)))
+    here.send(pipe.Ping())
     assert [c.command_id for c in inbox.due(0)] == ["live"]
     assert [c.command_id for c in inbox.due(3)] == ["s"]
     assert not inbox.cancelled
-    here.send(("cancel", "user asked"))
+    here.send(pipe.Cancel("user asked"))
     assert inbox.cancelled and inbox.cancel_reason == "user asked"
 
 
 def test_pipe_inbox_cancels_when_the_agent_is_gone():
     here, there = multiprocessing.Pipe()
-    inbox = runner.PipeInbox(there)
+    inbox = run_process.PipeInbox(there)
     here.close()
     assert inbox.cancelled and "agent went away" in inbox.cancel_reason
 
@@ -69,7 +72,7 @@ def test_forwarding_inbox_keeps_commands_until_attached_then_forwards():
     waiting = inbox.attach(sent.append)
     assert [c.command_id for c in waiting] == ["s", "early"]
     inbox.put(Command("late", "set_lr", 0.3))
-    assert sent == [("control", Command("late", "set_lr", 0.3))]
+    assert sent == [pipe.Control(Command("late", "set_lr", 0.3))]
     inbox.ack(Ack("late", True, 5))
     assert inbox.acks == [Ack("late", True, 5)]
 
@@ -176,7 +179,7 @@ def test_a_run_process_pauses_while_its_agent_is_frozen(cluster):
         w, exp_id, run_pid = _training(cluster, c, digits_spec("paused", epochs=2, max_steps=20))
         w.popen.send_signal(signal.SIGSTOP)  # the agent only: its run process keeps running
         try:
-            time.sleep(runner.AGENT_SILENCE_S + 1.5)
+            time.sleep(pipe.AGENT_SILENCE_S + 1.5)
             before = _cpu_ticks(run_pid)
             time.sleep(1.5)
             assert _cpu_ticks(run_pid) - before <= 5, "the run process trained on while its agent was frozen"

@@ -8,7 +8,7 @@ torch = pytest.importorskip("torch")
 from timm.scheduler import CosineLRScheduler, PolyLRScheduler, TanhLRScheduler  # noqa: E402
 from torch.optim import lr_scheduler as tls  # noqa: E402
 
-from trainctl.workers.engine.schedulers import build_schedule  # noqa: E402
+from trainctl.schedules import build_schedule  # noqa: E402
 
 BASE = 0.1
 SPE = 7
@@ -157,7 +157,7 @@ def test_package_imports_without_torch():
 
     code = (
         "import sys; sys.modules['torch'] = None\n"
-        "from trainctl.workers.engine.schedulers import preview\n"
+        "from trainctl.schedules import preview\n"
         "v = preview({'name': 'cosine', 'noise_range_t': 1}, base_lr=0.1, steps_per_epoch=3, epochs=4)\n"
         "print(len(v))"
     )

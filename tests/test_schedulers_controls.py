@@ -5,7 +5,7 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from trainctl.workers.engine.schedulers import (
+from trainctl.schedules import (
     REGISTRY,
     DecayCannotAct,
     NoDecayFactor,
@@ -355,7 +355,7 @@ def test_old_checkpoint_state_without_hold_loads():
 def test_consequence_names_the_peak_and_final_lr_the_run_then_has(name, cfg, at):
     import re
 
-    from trainctl.workers.engine.schedulers import consequence
+    from trainctl.schedules import consequence
 
     metrics = lambda e: {"val_loss": 1.0}  # noqa: E731
     sched = build(cfg)
@@ -379,7 +379,7 @@ def test_consequence_names_the_peak_and_final_lr_the_run_then_has(name, cfg, at)
 
 
 def test_consequence_of_hold_and_decay():
-    from trainctl.workers.engine.schedulers import consequence
+    from trainctl.schedules import consequence
 
     s = build_schedule({"name": "step", "step_size": 4, "gamma": 0.5}, base_lr=0.1, steps_per_epoch=10, epochs=12)
     s.set_decay(5, 0.1)

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from trainctl.workers.engine.schedulers import build_schedule, preview
+from trainctl.schedules import build_schedule, preview
 
 
 def lrs(spec, base, spe, epochs, **kw):

@@ -6,7 +6,7 @@ from torch.optim import lr_scheduler as tls  # noqa: E402
 
 from tests.test_schedulers import BASE, EPOCHS, N, SPE, _opt, close, ours, torch_ref  # noqa: E402
 
-from trainctl.workers.engine.schedulers import build_schedule  # noqa: E402
+from trainctl.schedules import build_schedule  # noqa: E402
 
 
 @pytest.mark.parametrize("per_step", [True, False])

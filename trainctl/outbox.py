@@ -2,7 +2,7 @@
 `Outbox`, in order. Shared by workers/agent.py and trainctl/attach/.
 
 Rows arrive already batched (the run process sends at most one batch per
-`runner.LINGER_S`, see workers/runner.py; the SDK one per its linger), so the gRPC request iterator sends whatever is waiting
+`pipe.LINGER_S`, see workers/pipe.py; the SDK one per its linger), so the gRPC request iterator sends whatever is waiting
 as soon as anything arrives: a fast run costs tens of messages a second, not one per
 step. Acks and state updates keep their place after the rows logged before them, so the
 last metrics precede the final state.

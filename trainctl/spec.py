@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from trainctl.workers.engine.losses.params import LossParams
-from trainctl.workers.engine.params import DataParams, ModelParams
-from trainctl.workers.engine.schedulers import ScheduleParams
+from trainctl.controls import SPEC_VERBS
+from trainctl.params.loss import LossParams
+from trainctl.params.model_data import DataParams, ModelParams
+from trainctl.schedules import ScheduleParams
 from trainctl.spec_checks import FLOAT_MAX, MAX_ERRORS, TooBig, raw_faults, range_faults, suggest_key, user_loc
 
 
@@ -117,22 +118,18 @@ class TrainParams(_Strict):
         return steps
 
 
-ControlVerb = Literal["set_lr", "scale_lr", "set_lr_decay", "set_ema_decay", "set_weight_decay"]
-CONTROL_VERBS: tuple[str, ...] = ControlVerb.__args__  # type: ignore[attr-defined]
+# The verbs a spec may schedule (every ControlKind but those naming a target, see
+# trainctl.controls): one optional field each on ControlEntry.
+CONTROL_VERBS: tuple[str, ...] = SPEC_VERBS
 
 
-class ControlEntry(_Strict):
+class _ControlEntry(_Strict):
     """A command scheduled in the spec: exactly one verb, applied at `at_step`."""
 
     at_step: int = Field(ge=0)
-    set_lr: Optional[float] = None
-    scale_lr: Optional[float] = None
-    set_lr_decay: Optional[float] = None
-    set_ema_decay: Optional[float] = None
-    set_weight_decay: Optional[float] = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "ControlEntry":
+    def _exactly_one(self) -> "_ControlEntry":
         given = [v for v in CONTROL_VERBS if getattr(self, v) is not None]
         if len(given) != 1:
             raise ValueError(f"exactly one of {', '.join(CONTROL_VERBS)} is required, got {given or 'none'}")
@@ -146,6 +143,10 @@ class ControlEntry(_Strict):
     @property
     def value(self) -> float:
         return float(getattr(self, self.verb))
+
+
+ControlEntry = create_model("ControlEntry", __base__=_ControlEntry, __module__=__name__,
+                            **{verb: (Optional[float], None) for verb in CONTROL_VERBS})
 
 
 class Resources(_Strict):
@@ -193,6 +194,7 @@ CONTROL_RANGES: dict[str, tuple[float, float, bool]] = {  # verb: (low, high, lo
     "set_ema_decay": (0.0, 1.0, False),
     "set_weight_decay": (0.0, 1.0, True),    # 0 switches weight decay off
 }
+assert set(CONTROL_RANGES) == set(CONTROL_VERBS), "every spec verb states its range"
 
 
 def check_control_value(verb: str, value: float) -> None:
@@ -300,7 +302,7 @@ def _ints_from_floats(value: Any) -> Any:
 
 
 def _model_name_faults(name: str) -> list[str]:
-    from trainctl.workers.engine.models import known_model, suggest_models
+    from trainctl.params.model_names import known_model, suggest_models
 
     if known_model(name):
         return []

@@ -1,12 +1,9 @@
 """Wire messages <-> plain Python values, shared by server, worker and client."""
 from __future__ import annotations
 
-from typing import Optional
 
 from google.protobuf import struct_pb2
 
-from trainctl.spec import CONTROL_VERBS
-from trainctl.v1 import trainctl_pb2 as pb
 
 
 def struct_from_dict(d: dict) -> struct_pb2.Struct:
@@ -27,19 +24,6 @@ def _plain(v):
     if isinstance(v, struct_pb2.ListValue):
         return [_plain(x) for x in v]
     return v
-
-
-# SET_KNOB names its target (a knob the run declared), so it is no spec verb: a spec
-# schedules values the engine knows; it is a wire verb all the same.
-KNOB_VERB = pb.ControlKind.Name(pb.SET_KNOB).lower()
-WIRE_VERBS: tuple[str, ...] = (*CONTROL_VERBS, KNOB_VERB)
-
-
-def verb_of(kind: int) -> Optional[str]:
-    """The verb of a wire `ControlKind` (SET_LR -> "set_lr", SET_KNOB -> "set_knob"),
-    None if unknown."""
-    verb = pb.ControlKind.Name(kind).lower() if kind in pb.ControlKind.values() else ""
-    return verb if verb in WIRE_VERBS else None
 
 
 def largest_field(s: struct_pb2.Struct) -> tuple[str, int]:

@@ -35,10 +35,12 @@ import grpc
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
-from trainctl.wire import dict_from_struct, verb_of
+from trainctl.controls import verb_of
+from trainctl.wire import dict_from_struct
 from trainctl.workers.dataroots import check_spec, resolve_roots
 from trainctl.workers.engine.checkpoint import checkpoint_dir, drop_stale_temps, forget_attempt, prune
-from trainctl.workers.runner import ForwardingInbox, failure_reason, run_in_process, warm_up
+from trainctl.workers.run_process import failure_reason
+from trainctl.workers.runner import ForwardingInbox, run_in_process, warm_up
 from trainctl.outbox import Outbox
 
 log = logging.getLogger(__name__)

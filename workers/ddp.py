@@ -14,7 +14,8 @@ Design, and why it is this shape:
   `init_process_group` over the launcher's env://, gloo on CPU, nccl on CUDA.
 * **The bridge** between rank 0 and the agent is two spawn-context multiprocessing
   queues handed to the entrypoint as arguments: `up` (rank 0 -> agent: metric rows in
-  batches of up to 20 ms, acks, progress) and `down` (agent -> rank 0: live commands, cancel). In rank 0 they back a
+  batches of up to 20 ms, acks, progress) and `down` (agent -> rank 0: live commands, cancel),
+  carrying the run-process pipe's message types (workers/pipe.py). In rank 0 they back a
   `MetricsSink` and a plain `ControlInbox` (fed by a reader thread), so the loop sees
   exactly what it sees in one process and stays free of gRPC. In the agent one bridge
   thread moves `up` into the agent's own sink/inbox/progress (the Outbox, so batching,
@@ -28,8 +29,8 @@ Design, and why it is this shape:
 * **The launcher runs in a helper thread** of the agent: torch installs its own SIGTERM
   handler when launched from the main thread, which would replace the agent's (SIGTERM
   = hand the run back). The agent's main thread waits for it.
-* **Outcome**: each rank returns ("completed", summary) / ("cancelled", reason) /
-  ("failed", message); rank 0's is turned back into `Summary`, `Cancelled` or
+* **Outcome**: each rank returns a `pipe.Done` (completed with the summary, cancelled with
+  the reason, failed with the message); rank 0's is turned back into `Summary`, `Cancelled` or
   `TrainingError` for the agent, so its state handling is the same as in one process.
   A rank that crashes makes the launcher stop all ranks (max_restarts=0: restarts are the
   server's job, from the last checkpoint) and is reported with its error.
@@ -45,7 +46,9 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from trainctl.workers.runner import BatchingSink, forkserver, tune_malloc
+from trainctl.workers.pipe import Acked, Cancel, Control, Done, Note, Progress, Rows
+from trainctl.workers.run_process import BatchingSink, tune_malloc
+from trainctl.workers.runner import forkserver
 
 log = logging.getLogger(__name__)
 
@@ -117,12 +120,12 @@ def run_ddp(spec, ctx, *, on_rows: Optional[Callable[[list[tuple]], None]] = Non
 
     if "error" in outcome:
         raise TrainingError(f"DDP run failed: {_failure_text(outcome['error'])}")
-    kind, payload = outcome["ranks"][0]
-    if kind == "completed":
-        return Summary.from_dict(payload)
-    if kind == "cancelled":
-        raise Cancelled(payload)
-    raise TrainingError(payload)
+    done: Done = outcome["ranks"][0]
+    if done.outcome == "completed":
+        return Summary.from_dict(done.payload)
+    if done.outcome == "cancelled":
+        raise Cancelled(done.payload)
+    raise TrainingError(done.payload)
 
 
 def _pump(ctx, up, down, on_rows) -> None:
@@ -138,21 +141,23 @@ def _pump(ctx, up, down, on_rows) -> None:
             return
         try:
             if msg is not None:
-                if msg[0] == "rows" and on_rows is not None:
-                    on_rows(msg[1])
-                elif msg[0] == "rows":
-                    for scope, step, epoch, _wall_time, values in msg[1]:
+                if isinstance(msg, Rows) and on_rows is not None:
+                    on_rows(msg.rows)
+                elif isinstance(msg, Rows):
+                    for scope, step, epoch, _wall_time, values in msg.rows:
                         ctx.sink.log(scope, step, epoch, values)
-                elif msg[0] == "ack":
-                    ctx.inbox.ack(msg[1])
-                elif msg[0] == "progress":
-                    ctx.on_progress(msg[1])
-                elif msg[0] == "note":
-                    ctx.on_note(msg[1])
+                elif isinstance(msg, Acked):
+                    ctx.inbox.ack(msg.ack)
+                elif isinstance(msg, Progress):
+                    ctx.on_progress(msg.step)
+                elif isinstance(msg, Note):
+                    ctx.on_note(msg.text)
+                else:
+                    raise TypeError(f"unknown message from rank 0: {msg!r}")
             for cmd in ctx.inbox.due(sys.maxsize):
-                down.put(("cmd", cmd))
+                down.put(Control(cmd))
             if ctx.inbox.cancelled and not cancel_sent:
-                down.put(("cancel", ctx.inbox.cancel_reason))
+                down.put(Cancel(ctx.inbox.cancel_reason))
                 cancel_sent = True
         except Exception:  # never let one bad message stop the metrics
             log.exception("ddp bridge: dropped %r", msg)
@@ -172,13 +177,13 @@ def _failure_text(exc: BaseException) -> str:
 def _receive(down, inbox) -> None:
     while True:
         try:
-            kind, value = down.get()
+            msg = down.get()
         except (EOFError, OSError):
             return
-        if kind == "cmd":
-            inbox.put(value)
-        elif kind == "cancel":
-            inbox.cancel(value)
+        if isinstance(msg, Control):
+            inbox.put(msg.command)
+        elif isinstance(msg, Cancel):
+            inbox.cancel(msg.reason)
 
 
 def _exit_with_parent() -> None:
@@ -211,7 +216,7 @@ def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, u
         spec = parse_spec(spec_dict, check_model=False)
         device = pick_device(spec.train.device)
     except (TrainingError, ValueError) as exc:
-        return ("failed", str(exc))
+        return Done("failed", str(exc))
     if device.type == "cpu":  # ranks share the cores: no oversubscribed thread pools
         local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -219,20 +224,20 @@ def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, u
     try:
         ctx = TrainingContext(checkpoint_dir=checkpoint_dir, lineage=lineage)
         if rank.is_main and up is not None:
-            inbox = ControlInbox(on_ack=lambda ack: up.put(("ack", ack)))
+            inbox = ControlInbox(on_ack=lambda ack: up.put(Acked(ack)))
             for cmd in commands:
                 inbox.put(cmd)
             threading.Thread(target=_receive, args=(down, inbox), name="ddp-inbox", daemon=True).start()
             ctx = TrainingContext(sink=BatchingSink(up.put), inbox=inbox, checkpoint_dir=checkpoint_dir,
-                                  lineage=lineage, on_progress=lambda step: up.put(("progress", step)),
-                                  on_note=lambda text: up.put(("note", text)))
+                                  lineage=lineage, on_progress=lambda step: up.put(Progress(step)),
+                                  on_note=lambda text: up.put(Note(text)))
         try:
             summary = Trainer(spec, ctx, dist=rank).run()
         except Cancelled as exc:
-            return ("cancelled", str(exc))
+            return Done("cancelled", str(exc))
         except (TrainingError, ValueError, FileNotFoundError) as exc:
-            return ("failed", str(exc))
-        return ("completed", summary.as_dict())
+            return Done("failed", str(exc))
+        return Done("completed", summary.as_dict())
     finally:
         rank.close()
 

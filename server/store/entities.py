@@ -13,6 +13,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from trainctl.controls import KIND_NAMES
+from trainctl.v1 import trainctl_pb2 as pb
+
+
+def _names(enum) -> tuple[str, ...]:
+    """The enum's names in proto order, less its *_UNSPECIFIED zero."""
+    return tuple(name for name, number in enum.items() if number != 0)
+
+
+# The name tuples come from the proto enums (declared once there); the constants below
+# are the names the store's code spells out, checked against those tuples at import.
+
 # -- experiment states -------------------------------------------------------------
 
 QUEUED = "QUEUED"
@@ -22,7 +34,7 @@ COMPLETED = "COMPLETED"
 FAILED = "FAILED"
 CANCELLED = "CANCELLED"
 
-STATES = (QUEUED, ASSIGNED, RUNNING, COMPLETED, FAILED, CANCELLED)
+STATES = _names(pb.ExperimentState)
 FINAL_STATES = frozenset({COMPLETED, FAILED, CANCELLED})
 # States in which a worker holds the experiment (its lease is live).
 ACTIVE_STATES = frozenset({ASSIGNED, RUNNING})
@@ -31,30 +43,25 @@ ACTIVE_STATES = frozenset({ASSIGNED, RUNNING})
 
 STEP = "STEP"
 EPOCH = "EPOCH"
-SCOPES = (STEP, EPOCH)
+SCOPES = _names(pb.Scope)
 
 # -- control records ---------------------------------------------------------------
 
-SET_LR = "SET_LR"
-SCALE_LR = "SCALE_LR"
-SET_LR_DECAY = "SET_LR_DECAY"
-SET_EMA_DECAY = "SET_EMA_DECAY"
-SET_WEIGHT_DECAY = "SET_WEIGHT_DECAY"
+CONTROL_KINDS = KIND_NAMES  # SET_LR ... SET_KNOB, from trainctl.controls
 SET_KNOB = "SET_KNOB"  # a knob the run declared, named by ControlRecord.knob
-CONTROL_KINDS = (SET_LR, SCALE_LR, SET_LR_DECAY, SET_EMA_DECAY, SET_WEIGHT_DECAY, SET_KNOB)
 
 # -- experiment kinds (proto ExperimentKind names) ----------------------------------
 
 SPEC = "SPEC"
 ATTACHED = "ATTACHED"  # the user's own loop through the SDK: never dispatched to a worker
 CODE = "CODE"
-EXPERIMENT_KINDS = (SPEC, ATTACHED, CODE)
+EXPERIMENT_KINDS = _names(pb.ExperimentKind)
 
 PENDING = "PENDING"
 APPLIED = "APPLIED"
 REJECTED = "REJECTED"
 EXPIRED = "EXPIRED"  # the run ended (or its step never came) before the command applied
-CONTROL_STATUSES = (PENDING, APPLIED, REJECTED, EXPIRED)
+CONTROL_STATUSES = _names(pb.ControlStatus)
 # Every command ends in one of these, never PENDING forever (see SqlAlchemyStore).
 CONTROL_FINAL_STATUSES = frozenset({APPLIED, REJECTED, EXPIRED})
 
@@ -62,7 +69,15 @@ LIVE = "LIVE"
 SCHEDULED = "SCHEDULED"
 REPLAYED = "REPLAYED"
 CONSOLE = "CONSOLE"  # sent from the web console
-CONTROL_SOURCES = (LIVE, SCHEDULED, REPLAYED, CONSOLE)
+CONTROL_SOURCES = _names(pb.ControlSource)
+
+_spelled = {STATES: (QUEUED, ASSIGNED, RUNNING, COMPLETED, FAILED, CANCELLED), SCOPES: (STEP, EPOCH),
+            CONTROL_KINDS: (SET_KNOB,), EXPERIMENT_KINDS: (SPEC, ATTACHED, CODE),
+            CONTROL_STATUSES: (PENDING, APPLIED, REJECTED, EXPIRED),
+            CONTROL_SOURCES: (LIVE, SCHEDULED, REPLAYED, CONSOLE)}
+_stale = [n for names, spelled in _spelled.items() for n in spelled if n not in names]
+if _stale:  # the proto renamed or dropped a value this module still spells out
+    raise ImportError(f"server/store/entities.py names values the proto lacks: {_stale}")
 
 
 @dataclass(frozen=True)

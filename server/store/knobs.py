@@ -51,9 +51,16 @@ class KnobsMixin:
     def create_attached(self, name: str, config: dict, *, session_suffix: str, run_token_hash: str,
                         tags: Sequence[str] = (), replay_of: int | None = None) -> Experiment:
         """A new ATTACHED experiment, ASSIGNED with attempt 1 to the session
-        "attached-<id>-<session_suffix>" (started_at set: the loop is running)."""
+        "attached-<id>-<session_suffix>" (started_at set: the loop is running).
+        Idempotent on `run_token_hash`: when an attached run already has it (the SDK
+        retrying an Attach whose reply was lost, its token being its attach key), that
+        run is returned unchanged; the caller tells by its worker id's suffix."""
         tags = check_tags("tags", tags)
         with self._session(write=True) as s:
+            same = s.scalars(select(ExperimentModel).where(ExperimentModel.kind == E.ATTACHED,
+                                                           ExperimentModel.run_token_hash == run_token_hash)).first()
+            if same is not None:
+                return _experiment(same)
             if replay_of is not None:
                 self._experiment_row(s, replay_of)
             now = time.time()

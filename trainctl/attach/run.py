@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+from trainctl.attach.ddp import DEFAULT_EVERY, NoSession, RankSync, world
 from trainctl.attach.session import Session
 from trainctl.attach.steer import Knob, Outcome, Steering
 from trainctl.v1 import trainctl_pb2 as pb
@@ -69,7 +70,7 @@ class Run:
 
     def __init__(self, *, name: str, config: Any = None, tags: Optional[list[str]] = None,
                  server: Optional[str] = None, token: Optional[str] = None, replay: int = 0,
-                 spill_dir: Optional[str] = None, replay_wait: float = 60.0):
+                 spill_dir: Optional[str] = None, replay_wait: float = 60.0, sync_every: int = DEFAULT_EVERY):
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"name: {name!r} must be a non-empty string")
         self.name = name
@@ -88,12 +89,22 @@ class Run:
         self._finished = False
         self.undelivered: list[str] = []
         self.server = server or os.environ.get("TRAINCTL_SERVER") or DEFAULT_SERVER
-        self._session = Session(server=self.server, token=_token(token), name=name, config=self.config,
-                                tags=list(tags or []), replay_of=int(replay or 0), rows=self._rows,
-                                commands=self._due, step=lambda: self._step, knobs=lambda: list(self.steering.knobs.values()),
-                                spill_dir=spill_dir)
+        # DDP (ddp.py): rank 0 alone talks to the server; its commands reach every rank at
+        # the next sync point through `_incoming`. Other ranks keep no rows.
+        self.rank, size = world()
+        self._sync = RankSync(sync_every) if size > 1 else None
+        self._incoming = deque() if self._sync is not None else self._due
+        self._sync_cancelled = False
+        if self.rank == 0:
+            self._session = Session(server=self.server, token=_token(token), name=name, config=self.config,
+                                    tags=list(tags or []), replay_of=int(replay or 0), rows=self._rows,
+                                    commands=self._incoming, step=lambda: self._step,
+                                    knobs=lambda: list(self.steering.knobs.values()), spill_dir=spill_dir)
+        else:
+            self._rows = deque(maxlen=0)
+            self._session = NoSession()
         _live_runs.append(self)
-        if replay and not self._session.wait_attached(replay_wait):
+        if replay and self.rank == 0 and not self._session.wait_attached(replay_wait):
             # The recorded commands are needed before the first step; without them the
             # run goes on unsteered rather than fail the user's script.
             log.warning("trainctl: replay of experiment %s: the server did not answer within %.0f s; "
@@ -107,7 +118,10 @@ class Run:
 
     @property
     def cancelled(self) -> bool:
-        """Set when a client cancelled the run (`trainctl cancel`); the loop decides when to stop."""
+        """Set when a client cancelled the run (`trainctl cancel`); the loop decides when to stop.
+        Under DDP every rank sees it at the same step (the next sync point)."""
+        if self._sync is not None:
+            return self._sync_cancelled
         return bool(self._session.cancelled)
 
     @property
@@ -135,6 +149,10 @@ class Run:
             self._step += 1
         else:
             self._started = True
+        if self._sync is not None and self._step % self._sync.every == 0:
+            cmds, cancelled = self._sync.exchange(self._incoming, bool(self._session.cancelled))
+            self._due.extend(cmds)
+            self._sync_cancelled = self._sync_cancelled or cancelled
         if self._due or self._step >= self._next_replayed:
             self._apply_due()
         if self.steering.optimizer is not None:
@@ -233,15 +251,17 @@ def _one_line(exc_type, exc) -> str:
 
 def init(name: str, config: Any = None, tags: Optional[list[str]] = None, server: Optional[str] = None,
          token: Optional[str] = None, replay: int = 0, spill_dir: Optional[str] = None,
-         replay_wait: float = 60.0) -> Run:
+         replay_wait: float = 60.0, sync_every: int = DEFAULT_EVERY) -> Run:
     """Register this process's training loop as an experiment (kind ATTACHED) and return
     its `Run`. Server and token come from the arguments or TRAINCTL_SERVER /
     TRAINCTL_TOKEN / TRAINCTL_TOKEN_FILE. Returns at once: registration happens in the
     background and is retried until the server answers. With `replay=ID` (a new run
     re-applying ID's recorded commands at the same steps) it first waits up to
-    `replay_wait` s for the server, since those commands are needed before step 0."""
+    `replay_wait` s for the server, since those commands are needed before step 0.
+    Under torch.distributed every rank calls it; rank 0 reports the run, and commands
+    apply on every rank at the same step, at most `sync_every` steps after they arrive."""
     return Run(name=name, config=config, tags=tags, server=server, token=token, replay=replay,
-               spill_dir=spill_dir, replay_wait=replay_wait)
+               spill_dir=spill_dir, replay_wait=replay_wait, sync_every=sync_every)
 
 
 # A script that never calls finish(): end its runs at exit, FAILED if an exception

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import secrets
 import socket
 import tempfile
 import threading
@@ -23,6 +24,7 @@ from typing import Callable, Optional
 import grpc
 from google.protobuf import struct_pb2
 
+from trainctl.attach.rows import batches, rows_to_plain
 from trainctl.outbox import Outbox
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
@@ -73,57 +75,6 @@ class _PreAttach:
         return len(self.rows) + self.spilled
 
 
-def rows_to_plain(raw: list[tuple]) -> list[tuple]:
-    """(scope, step, epoch, wall, {name: float|tensor}) rows with every tensor turned into
-    a float, one host copy per device for the whole batch (never one per step). A value
-    that is not a number (a string, a tensor of many elements) is left out of its row,
-    with one warning per name."""
-    tensors: dict[tuple, list] = {}
-    for _, _, _, _, values in raw:
-        for v in values.values():
-            if type(v) is not float and hasattr(v, "detach"):
-                tensors.setdefault((v.device, v.dtype), []).append(v)
-    plain: dict[int, float] = {}
-    if tensors:
-        import torch
-        with torch.no_grad():
-            for ts in tensors.values():
-                try:  # one op and one copy for the whole group (0-d tensors stack into a vector)
-                    flat = torch.stack(ts).tolist()
-                except RuntimeError:  # mixed shapes: one-element tensors only, flattened
-                    ts = [t for t in ts if t.numel() == 1]
-                    flat = torch.stack([t.reshape(()) for t in ts]).tolist() if ts else []
-                if flat and isinstance(flat[0], list):  # same shape but not 0-d: one element each?
-                    ts, flat = [t for t, f in zip(ts, flat) if t.numel() == 1], \
-                        [t.item() for t in ts if t.numel() == 1]
-                plain.update(zip(map(id, ts), flat))
-    out = []
-    missing = plain.get
-    for s, st, ep, w, vals in raw:
-        row = {}
-        for k, v in vals.items():
-            if type(v) is float:
-                row[k] = v
-                continue
-            f = missing(id(v)) if plain else None
-            if f is not None:
-                row[k] = f
-                continue
-            try:
-                row[k] = float(v)
-            except (TypeError, ValueError, RuntimeError):
-                if k not in _warned:
-                    _warned.add(k)
-                    log.warning("trainctl: run.log(%s=...): %s is not a number (a float or a one-element "
-                                "tensor); left out", k, type(v).__name__)
-        if row:
-            out.append((s, st, ep, w, row))
-    return out
-
-
-_warned: set[str] = set()
-
-
 class Session:
     def __init__(self, *, server: str, token: Optional[str], name: str, config: dict, tags: list[str],
                  replay_of: int, rows: deque, commands: deque, step: Callable[[], int],
@@ -132,6 +83,9 @@ class Session:
         struct = struct_pb2.Struct()
         struct.update(config)  # (not trainctl.wire: that imports the spec models, which the SDK does not need)
         self.request = pb.AttachRequest(name=name, config=struct, tags=tags, replay_of=replay_of)
+        # The attach key (server/attach.py): an Attach retried after a lost reply finds
+        # the run it created instead of making a second one. It is also the run token.
+        self.attach_metadata = (("trainctl-attach-key", secrets.token_urlsafe(32)), *(auth_metadata(token) or ()))
         self.rows, self.commands = rows, commands
         self._step, self._knobs = step, knobs
         spill = Path(spill_dir or tempfile.gettempdir()) / f"trainctl-attach-{os.getpid()}-{random.getrandbits(32):08x}"
@@ -187,16 +141,23 @@ class Session:
         while self.rows:
             raw.append(self.rows.popleft())
         if raw:
-            plain = rows_to_plain(raw)
             if self.fenced:
                 return
             if not self.experiment_id:
-                self.pre.add(plain)
+                self.pre.add(rows_to_plain(raw))
                 return
-            self.outbox.add_rows(self.experiment_id, self.attempt, [_scoped(r) for r in plain])
+            self._enqueue(raw)
         with self._seal_lock:
             if not self._stream_open and self.experiment_id:
                 self.outbox.seal_queued()
+
+    def _enqueue(self, raw: list[tuple]) -> None:
+        """Rows as sealed metric batches, queued in order behind what was sent before.
+        (Built here from columns, rows.py, not row by row in Outbox.add_rows: that costs
+        the loop several microseconds a step. Outbox._seal gives the batch its seq and
+        keeps it until acked, as for the batches the outbox builds itself.)"""
+        for batch in batches(raw, self.experiment_id, self.attempt):
+            self.outbox.send(self.outbox._seal(batch))
 
     def _pump_forever(self) -> None:
         while not self.stopping.is_set():
@@ -209,7 +170,7 @@ class Session:
     # ------------------------------------------------------------------ attach and connect
     def _attach(self, stub) -> bool:
         try:
-            resp = stub.Attach(self.request, metadata=auth_metadata(self.token), timeout=10)
+            resp = stub.Attach(self.request, metadata=self.attach_metadata, timeout=10)
         except grpc.RpcError as exc:
             if exc.code() in _FATAL:
                 self._give_up(f"the server refused to attach this run: {exc.code().name}: {exc.details()}")
@@ -228,7 +189,7 @@ class Session:
             self.experiment_id = resp.experiment.id
             early = self.pre.take()
             if early:
-                self.outbox.add_rows(self.experiment_id, self.attempt, [_scoped(r) for r in early])
+                self._enqueue(early)
         log.info("trainctl: attached as experiment %d (%s)", self.experiment_id, resp.experiment.name)
         return True
 
@@ -341,8 +302,10 @@ class Session:
             if self._connected.is_set() and self.outbox.pending() == 0:
                 break
             time.sleep(0.02)
-        delivered = self._complete_at_fence or (self.experiment_id and not self.fenced and self._connected.is_set()
-                                                and self.outbox.pending() == 0)
+        drained = self.experiment_id and not self.fenced and self._connected.is_set() and self.outbox.pending() == 0
+        # Out of the outbox is not stored: the final state counts as delivered once the
+        # server reports it (its metrics were acked before it, in stream order).
+        delivered = self._complete_at_fence or (drained and self._confirmed(state, deadline))
         self.stopping.set()
         stop = self._stream_stop
         if stop is not None:
@@ -361,13 +324,33 @@ class Session:
         return missing
 
 
+    def _confirmed(self, state: int, deadline: float) -> bool:
+        """Poll Get until the server has the run in `state` (or `deadline`). A server that
+        will not answer Get to this token (auth: the run token is not a client token)
+        leaves the drained outbox as the best evidence there is."""
+        channel = open_channel(self.server)
+        try:
+            stub = pb_grpc.ExperimentsStub(channel)
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    x = stub.Get(pb.GetRequest(id=self.experiment_id), metadata=auth_metadata(self.token),
+                                 timeout=max(0.5, left))
+                    if x.state == state:
+                        return True
+                    if x.state not in (pb.ASSIGNED, pb.RUNNING):  # ended otherwise (lease expired...)
+                        log.warning("trainctl: experiment %d ended %s, not %s", self.experiment_id,
+                                    pb.ExperimentState.Name(x.state), pb.ExperimentState.Name(state))
+                        return False
+                except grpc.RpcError as exc:
+                    if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                        return True
+                if left <= 0.05:
+                    return False
+                time.sleep(0.05)
+        finally:
+            channel.close()
+
+
 class _Retry(Exception):
     pass
-
-
-_SCOPE_NAMES = {v: k for k, v in pb.Scope.items()}  # 1 -> "STEP" (the enum's Name() is slow per row)
-
-
-def _scoped(row: tuple) -> tuple:
-    scope, step, epoch, wall, values = row
-    return _SCOPE_NAMES[scope], step, epoch, wall, values

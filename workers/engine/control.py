@@ -1,9 +1,10 @@
 """Applying control commands to a running job, at a step boundary.
 
 One function for live, scheduled and replayed commands alike, so they cannot drift
-apart. Every outcome, refusals included, becomes an `Ack` with the applied step and
+apart; LR verbs go through `schedules.apply_control`, the function `schedule preview`
+and the server's dry run use too. Every outcome, refusals included, becomes an `Ack` with the applied step and
 the old and new value; an applied LR command also says what it means ahead
-(`Ack.consequence`, from the same `schedulers.consequence` the server's dry run uses).
+(`Ack.consequence`, from the same `schedules.consequence` the server's dry run uses).
 """
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import logging
 import math
 from typing import Any, Optional
 
+from trainctl.controls import SCHEDULE_VERBS, SPEC_VERBS, check_hold
+from trainctl.schedules import apply_control, consequence
 from trainctl.spec import check_control_value
 from trainctl.workers.engine.context import Ack, Command
 from trainctl.workers.engine.optim import decaying_groups
-from trainctl.workers.engine.schedulers import consequence
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +34,7 @@ def apply_command(cmd: Command, step: int, t: ControlTargets) -> Ack:
     hold = bool(getattr(cmd, "hold", False))
     try:
         check_control_value(cmd.verb, cmd.value)
-        if hold and cmd.verb not in ("set_lr", "scale_lr"):
-            raise ValueError(f"hold applies to set_lr and scale_lr only, not {cmd.verb}")
+        check_hold(cmd.verb, hold)
         fn = _APPLY[cmd.verb]
     except KeyError:
         return Ack(cmd.command_id, ok=False, applied_step=step, message=f"unknown command {cmd.verb!r}")
@@ -54,18 +55,6 @@ def apply_command(cmd: Command, step: int, t: ControlTargets) -> Ack:
     return Ack(cmd.command_id, ok=True, applied_step=step, old_value=old, new_value=new, consequence=ahead)
 
 
-def _set_lr(v: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
-    return t.schedule.set_lr(step, v, hold)
-
-
-def _scale_lr(f: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
-    return t.schedule.scale_lr(step, f, hold)
-
-
-def _set_lr_decay(g: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
-    return t.schedule.set_decay(step, g)
-
-
 def _set_ema_decay(d: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
     if t.ema is None:
         raise ValueError("set_ema_decay needs model EMA; enable train.ema in the spec")
@@ -82,10 +71,17 @@ def _set_weight_decay(w: float, step: int, t: ControlTargets, hold: bool = False
     return old, w
 
 
+def _on_schedule(verb: str):
+    def apply(v: float, step: int, t: ControlTargets, hold: bool = False) -> tuple[float, float]:
+        return apply_control(t.schedule, step, verb, v, hold)
+    return apply
+
+
+# What each verb the engine takes acts on (trainctl.controls declares the verbs; a knob
+# names a value the run declared, which only attached runs have).
 _APPLY = {
-    "set_lr": _set_lr,
-    "scale_lr": _scale_lr,
-    "set_lr_decay": _set_lr_decay,
+    **{verb: _on_schedule(verb) for verb in SCHEDULE_VERBS},
     "set_ema_decay": _set_ema_decay,
     "set_weight_decay": _set_weight_decay,
 }
+assert set(_APPLY) == set(SPEC_VERBS), "every spec verb has an applier"

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .datasize import SYNTHETIC_CLASSES, SYNTHETIC_SAMPLES, long_tail_counts  # noqa: F401 (re-exported)
-from .params import DataParams
+from trainctl.datasize import SYNTHETIC_CLASSES, SYNTHETIC_SAMPLES, long_tail_counts  # noqa: F401 (re-exported)
+from trainctl.params.model_data import DataParams
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -193,7 +193,7 @@ def _ops(params: DataParams) -> set:
     """The augmentations a validated DataParams asks for (its `augment` list, or none)."""
     a = params.augment
     if a is True:  # a DataParams built with model_construct skips the validator
-        from .params import DEFAULT_AUGMENT
+        from trainctl.params.model_data import DEFAULT_AUGMENT
 
         return set(DEFAULT_AUGMENT.get(params.dataset, ()))
     return set(a) if a else set()

@@ -44,7 +44,7 @@ from trainctl.workers.engine.mixing import build_mixer
 from trainctl.workers.engine.models import build_model
 from trainctl.workers.engine.multiscale import MultiScale
 from trainctl.workers.engine.optim import build_optimizer
-from trainctl.workers.engine.schedulers import build_schedule
+from trainctl.schedules import build_schedule
 from trainctl.workers.engine.stepstats import StepStats
 
 log = logging.getLogger(__name__)

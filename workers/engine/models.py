@@ -1,56 +1,20 @@
 """Models: spec section `model:` -> a timm nn.Module, built offline.
 
-Importing this module does not import torch or timm, and neither do `known_model` /
-`suggest_models` (the server uses them); `import timm` pulls in torch, so `build_model`
-imports both on first use.
+Importing this module does not import torch or timm (`import timm` pulls in torch, so
+`build_model` imports both on first use); the name checks the server also needs live in
+`trainctl.params.model_names`.
 """
 from __future__ import annotations
 
-import difflib
-import functools
-import importlib.resources
 import os
 from typing import List, Optional
 
-from .params import ModelParams
+from trainctl.params.model_data import ModelParams
+from trainctl.params.model_names import known_model, suggest_models  # noqa: F401 (re-exported)
 
 
 class ModelError(ValueError):
     """A model spec that cannot be built here (unknown name, missing weights file...)."""
-
-
-@functools.lru_cache(maxsize=1)
-def _timm_names() -> frozenset:
-    """timm's model names, read from the list generated from the pinned timm
-    (`python -m trainctl.codegen`; a test fails when it is stale), so the server checks
-    names without importing timm and torch."""
-    text = importlib.resources.files("trainctl").joinpath("timm_models.txt").read_text()
-    return frozenset(line for line in text.splitlines() if line and not line.startswith("#"))
-
-
-def known_model(name: str) -> bool:
-    """True when `name` (optionally with a `.pretrained_tag`) is in timm's registry.
-
-    Hub ids and paths (`hf-hub:...`, `org/model`) are never known: building them would
-    download."""
-    if any(c in name for c in ":/\\"):
-        return False
-    return name.split(".", 1)[0] in _timm_names()
-
-
-def suggest_models(name: str, n: int = 5) -> List[str]:
-    """Registry names closest to `name` (difflib), for "did you mean" messages."""
-    arch = name.split(".", 1)[0].lower()
-    names = sorted(_timm_names())
-
-    def score(m: str) -> float:
-        return difflib.SequenceMatcher(None, arch, m).ratio()
-
-    # Prefix hits first ("vit_tiny" -> vit_tiny_patch16_224), which difflib ranks below
-    # short unrelated names; then difflib's near-misses for typos ("resnt18").
-    prefix = sorted((m for m in names if m.startswith(arch)), key=score, reverse=True)
-    close = difflib.get_close_matches(arch, names, n=n, cutoff=0.6)
-    return list(dict.fromkeys(prefix[:n] + close))[:n]
 
 
 def check_model(params: ModelParams) -> None:

@@ -162,7 +162,7 @@ async function runsView(view, signal) {
     const x = r.x, m = r.m;
     switch (key) {
       case "id": return x.id; case "name": return x.name; case "state": return x.state;
-      case "step": return m.step ?? x.last_step; case "epoch": return m.epoch ?? null;
+      case "step": return m.step ?? x.last_step; case "epoch": return m.epoch == null ? null : m.epoch + 1;  // 1-based, as in the CLI
       case "lr": return m.lr ?? null; case "loss": return m.loss ?? m.train_loss ?? x.summary.train_loss ?? null;
       case "val_top1": return m.val_top1 ?? x.summary.val_top1 ?? null; case "worker": return x.worker_id;
       case "age": return -(x.created_at || 0);

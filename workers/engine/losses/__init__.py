@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import importlib
 
-from .params import (LOSS_NAMES, BceParams, CrossEntropyParams, FocalParams, LdamParams,
+from trainctl.params.loss import (LOSS_NAMES, BceParams, CrossEntropyParams, FocalParams, LdamParams,
                      LossParams, SoftTargetParams)
 
 _LAZY = {

@@ -8,7 +8,7 @@ from .bce import BinaryCrossEntropy
 from .cross_entropy import CrossEntropy
 from .focal import FocalLoss
 from .ldam import LDAMLoss
-from .params import (BceParams, CrossEntropyParams, FocalParams, LdamParams,
+from trainctl.params.loss import (BceParams, CrossEntropyParams, FocalParams, LdamParams,
                      SoftTargetParams)
 from .soft_target import SoftTargetCrossEntropy
 from .weights import resolve_class_weights

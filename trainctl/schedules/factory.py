@@ -21,6 +21,8 @@ from . import (  # noqa: F401
     step,
     tanh,
 )
+from trainctl.controls import SCHEDULE_VERBS, check_hold
+
 from .base import Schedule
 from .registry import REGISTRY
 
@@ -48,20 +50,19 @@ def build_schedule(params: Any, *, base_lr: float, steps_per_epoch: int, epochs:
     return REGISTRY[params.name](params, base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=epochs)
 
 
-CONTROL_KINDS = ("set_lr", "scale_lr", "set_lr_decay")
-
-
 def apply_control(schedule: Schedule, step: int, kind: str, value: float, hold: bool = False) -> tuple[float, float]:
-    """Apply one LR command at ``step``; ``hold`` (set_lr/scale_lr only) pins the LR."""
-    if hold and kind not in ("set_lr", "scale_lr"):
-        raise ValueError(f"hold applies to set_lr and scale_lr only, not {kind}")
+    """Apply one LR command at ``step``; ``hold`` (set_lr/scale_lr only) pins the LR.
+
+    The one place a schedule takes a command: the training loop (engine/control.py),
+    `schedule preview` and the server's dry run all come through here."""
+    check_hold(kind, hold)
     if kind == "set_lr":
         return schedule.set_lr(step, value, hold)
     if kind == "scale_lr":
         return schedule.scale_lr(step, value, hold)
     if kind == "set_lr_decay":
         return schedule.set_decay(step, value)
-    raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
+    raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(SCHEDULE_VERBS)}")
 
 
 def preview(
@@ -86,8 +87,8 @@ def preview(
     schedule = build_schedule(params, base_lr=base_lr, steps_per_epoch=steps_per_epoch, epochs=epochs)
     due: dict[int, list[tuple[str, float, bool]]] = {}
     for at, kind, value, *hold in controls:
-        if kind not in CONTROL_KINDS:
-            raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(CONTROL_KINDS)}")
+        if kind not in SCHEDULE_VERBS:
+            raise ValueError(f"unknown control kind {kind!r}; expected one of {', '.join(SCHEDULE_VERBS)}")
         due.setdefault(int(at), []).append((kind, float(value), bool(hold and hold[0])))
     metric_fn = metric_fn or _ConstantMetrics()
     out = []

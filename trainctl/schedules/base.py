@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .registry import decay_schedules
+from .registry import no_decay_message
 
 
 class NoDecayFactor(ValueError):
@@ -237,8 +237,7 @@ class Schedule:
         return self._decay_history[-1][1]
 
     def _no_decay(self) -> NoDecayFactor:
-        names = ", ".join(f"{n} ({p})" for n, p in decay_schedules().items())
-        return NoDecayFactor(f"schedule {self.name!r} has no decay factor; schedules with one: {names}")
+        return NoDecayFactor(no_decay_message(self.name))
 
     def check_decay(self, gamma: float) -> float:
         gamma = float(gamma)

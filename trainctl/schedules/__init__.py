@@ -5,11 +5,10 @@ docs/schedules.md for every schedule's parameters.
 """
 from .ahead import consequence
 from .base import CommonParams, DecayCannotAct, NoDecayFactor, NoiseParams, Schedule
-from .factory import CONTROL_KINDS, ScheduleParams, apply_control, build_schedule, parse_schedule, preview
+from .factory import ScheduleParams, apply_control, build_schedule, parse_schedule, preview
 from .registry import REGISTRY, decay_schedules
 
 __all__ = [
-    "CONTROL_KINDS",
     "CommonParams",
     "DecayCannotAct",
     "NoDecayFactor",
