@@ -66,11 +66,20 @@ def experiment_detail(x: ExperimentInfo, controls: list[ControlResult]) -> None:
         console.print(f"note: {x.note}")
     if x.message:
         console.print(f"message: {x.message}")
+    if x.knobs:
+        console.print("knobs: " + "  ".join(_knob(k) for k in x.knobs))
     if x.summary:
         console.print("summary: " + "  ".join(f"{k}={_fmt(v)}" for k, v in sorted(cli_summary(x.summary).items())))
     if controls:
         console.print("[bold]control log[/]")
         print_table(console, CONTROL_COLUMNS, [control_cells(r) for r in controls_in_order(controls)])
+
+
+def _knob(k: dict) -> str:
+    lo, hi = k.get("low"), k.get("high")
+    bounds = f" [{_fmt(lo) if lo is not None else '-inf'}, {_fmt(hi) if hi is not None else 'inf'}]" \
+        if lo is not None or hi is not None else ""
+    return f"{k['name']}={_fmt(k['value'])}{bounds}"
 
 
 def controls_in_order(recs: list[ControlResult]) -> list[ControlResult]:

@@ -76,17 +76,31 @@ class _ScrapeTimeGauges:
                 g.add_metric([state], counts.get(state, 0))
             yield g
         try:
-            workers, subs = asyncio.run_coroutine_threadsafe(self._loop_side(), self.loop).result(SCRAPE_LOOP_TIMEOUT)
+            workers, subs, usage = asyncio.run_coroutine_threadsafe(self._loop_side(), self.loop).result(
+                SCRAPE_LOOP_TIMEOUT)
         except Exception as exc:  # loop stopping or stuck: better a partial scrape than none
             log.warning("metrics scrape: live state unavailable: %s", exc)
             return
         yield GaugeMetricFamily("trainctl_workers_connected", "Workers with an open stream to this server",
                                 value=workers)
         yield GaugeMetricFamily("trainctl_watch_subscribers", "Open Watch streams on this server", value=subs)
+        labels = ["worker", "kind", "index"]
+        util = GaugeMetricFamily("trainctl_worker_utilization_percent", "Device utilization from each connected "
+                                 "worker's latest usage sample (cpu: percent of one core)", labels=labels)
+        mem = GaugeMetricFamily("trainctl_worker_memory_used_bytes", "Device memory in use from each connected "
+                                "worker's latest usage sample (cpu: RSS of its processes)", labels=labels)
+        for worker, kind, index, utilization, used in usage:
+            util.add_metric([worker, kind, str(index)], utilization)
+            mem.add_metric([worker, kind, str(index)], used)
+        yield util
+        yield mem
 
-    async def _loop_side(self) -> tuple[int, int]:
+    async def _loop_side(self) -> tuple[int, int, list[tuple[str, str, int, float, int]]]:
         # Hub and dispatcher are event-loop state; read them there, not from this thread.
-        return len(self.dispatcher.sessions), self.live.hub.subscriber_count()
+        # Usage is what the sessions hold in memory (the latest heartbeat's), not the store.
+        usage = [(s.worker_id, u.kind, u.index, u.utilization, u.memory_used_bytes)
+                 for s in list(self.dispatcher.sessions.values()) for u in s.usage]
+        return len(self.dispatcher.sessions), self.live.hub.subscriber_count(), usage
 
 
 class MetricsEndpoint:

@@ -33,6 +33,9 @@ from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
+_USAGE_KINDS = frozenset({"cpu", "cuda", "mps"})
+_MAX_USAGE = 17  # the host's CPU plus up to 16 devices
+
 _WORKER_STATES = {pb.RUNNING: e.RUNNING, pb.COMPLETED: e.COMPLETED, pb.FAILED: e.FAILED, pb.CANCELLED: e.CANCELLED}
 MAX_REFUSED = 1024  # refused runs remembered per session (beyond: refused silently)
 RETRY_S = (0.1, 0.2, 0.5, 1.0, 2.0)  # backoff of a write retried through a store outage
@@ -171,7 +174,8 @@ class WorkersService(pb_grpc.WorkersServicer):
     # ------------------------------------------------------------------ messages
     def _on_heartbeat(self, session: WorkerSession, hb: pb.Heartbeat) -> None:
         if hb.usage:
-            session.usage = list(hb.usage)
+            # Bounded and typed: these become Prometheus label values.
+            session.usage = [u for u in hb.usage if u.kind in _USAGE_KINDS and 0 <= u.index < 64][:_MAX_USAGE]
         if hb.experiment_id:
             self._take(session, hb.experiment_id, hb.attempt, "heartbeat")
 

@@ -76,6 +76,8 @@ def test_plain_loop_steered_from_the_cli(cluster, tmp_path):
         for args in (["ls"], ["get", str(run.id)], ["metrics", str(run.id)]):
             r = _cli(cluster.address, *args)
             assert r.returncode == 0, (args, r.stdout + r.stderr)
+            if args[0] == "get":  # the knob with its value and declared bounds
+                assert "dropout=0.3 [" in r.stdout, r.stdout
         _finish(proc, log)
     finally:
         if proc.poll() is None:

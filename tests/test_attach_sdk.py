@@ -383,8 +383,10 @@ def test_replayed_commands_apply_at_their_recorded_steps(run):
     assert [(c, s) for c, _, s in run._session.acks] == [("r1", 3), ("r2", 5)]
 
 
-def test_a_value_that_is_no_number_is_left_out_not_the_batch(caplog):
+def test_a_value_that_is_no_number_is_left_out_not_the_batch(caplog, monkeypatch):
+    from trainctl.attach import rows
     from trainctl.attach.session import rows_to_plain
+    monkeypatch.setattr(rows, "_warned", set())  # warned once per name per process: start afresh
     raw = [(pb.STEP, 0, 0, 0.0, {"loss": torch.tensor(1.0), "name": "abc", "vec": torch.ones(3)}),
            (pb.STEP, 1, 0, 0.0, {"loss": torch.tensor(2.0, dtype=torch.float16), "n": 3})]
     plain = rows_to_plain(raw)

@@ -103,10 +103,15 @@ class Agent:
         return pb.WorkerMessage(hello=hello)
 
     def _heartbeat(self) -> pb.Heartbeat:
+        from trainctl.workers.usage import UsageSampler
+
         run = self.current
-        if run is None:
-            return pb.Heartbeat()
-        return pb.Heartbeat(experiment_id=run.experiment_id, attempt=run.attempt, step=run.step)
+        hb = pb.Heartbeat() if run is None else pb.Heartbeat(experiment_id=run.experiment_id, attempt=run.attempt,
+                                                             step=run.step)
+        # Usage rides on the heartbeat that falls due (every ~5 s), not on each one.
+        sampler = self.__dict__.get("_usage") or self.__dict__.setdefault("_usage", UsageSampler())
+        hb.usage.extend(sampler.due())
+        return hb
 
     def _receive_forever(self) -> None:
         backoff = 0.2
