@@ -106,9 +106,9 @@ def test_run_page_chart_grows_and_set_lr_from_the_page_is_acked_and_marked(live,
     page.goto(f"{live.url}/#/run/{x.id}")
     charts = page.locator("#charts")
     # The chart grows while it trains: first points, then more of them, without reloading.
-    page.wait_for_function("() => +document.querySelector('#charts').dataset.points > 0", timeout=TIMEOUT_MS)
+    page.wait_for_function("() => +document.querySelector('#charts')?.dataset.points > 0", timeout=TIMEOUT_MS)
     first = int(charts.get_attribute("data-points"))
-    page.wait_for_function(f"() => +document.querySelector('#charts').dataset.points > {first}", timeout=TIMEOUT_MS)
+    page.wait_for_function(f"() => +document.querySelector('#charts')?.dataset.points > {first}", timeout=TIMEOUT_MS)
     assert page.locator("#chart-lr canvas").count() == 1 and page.locator("#chart-loss canvas").count() == 1
 
     # Steer: preview (dry run) first, then apply; the ack appears beside the panel.
@@ -129,7 +129,7 @@ def test_run_page_chart_grows_and_set_lr_from_the_page_is_acked_and_marked(live,
     expect(charts).to_have_attribute("data-markers", re.compile(rf"SET_LR 0\.01 \(console\)@{step}\b"),
                                      timeout=30_000)
     expect(page.locator("#control-log")).to_contain_text("CONSOLE")
-    page.wait_for_function(f"() => +document.querySelector('#charts').dataset.lastStep > {step} + 2",
+    page.wait_for_function(f"() => +document.querySelector('#charts')?.dataset.lastStep > {step} + 2",
                            timeout=TIMEOUT_MS)
     shot(page, tmp_path, "console-run")
     # The other axes and the log scale redraw the same data (no script error: see `page`).
