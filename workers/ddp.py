@@ -46,7 +46,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from trainctl.workers.pipe import Acked, Cancel, Control, Done, Note, Progress, Rows
+from trainctl.workers.pipe import Acked, Cancel, Control, Done, Note, Progress, relay
 from trainctl.workers.run_process import BatchingSink, tune_malloc
 from trainctl.workers.runner import forkserver
 
@@ -132,6 +132,11 @@ def _pump(ctx, up, down, on_rows) -> None:
     """Agent side of the bridge: rank 0's rows/acks/progress in, live commands and
     cancel out."""
     cancel_sent = False
+
+    def to_sink(rows) -> None:  # no agent outbox (tests, in-process use): the context's sink
+        for scope, step, epoch, _wall_time, values in rows:
+            ctx.sink.log(scope, step, epoch, values)
+
     while True:
         try:
             msg = up.get(timeout=0.01)
@@ -141,18 +146,7 @@ def _pump(ctx, up, down, on_rows) -> None:
             return
         try:
             if msg is not None:
-                if isinstance(msg, Rows) and on_rows is not None:
-                    on_rows(msg.rows)
-                elif isinstance(msg, Rows):
-                    for scope, step, epoch, _wall_time, values in msg.rows:
-                        ctx.sink.log(scope, step, epoch, values)
-                elif isinstance(msg, Acked):
-                    ctx.inbox.ack(msg.ack)
-                elif isinstance(msg, Progress):
-                    ctx.on_progress(msg.step)
-                elif isinstance(msg, Note):
-                    ctx.on_note(msg.text)
-                else:
+                if not relay(msg, ctx, on_rows or to_sink):
                     raise TypeError(f"unknown message from rank 0: {msg!r}")
             for cmd in ctx.inbox.due(sys.maxsize):
                 down.put(Control(cmd))

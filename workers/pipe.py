@@ -74,3 +74,20 @@ class Ping:
 
 FromRun = Union[Rows, Acked, Progress, Note, Done]
 ToRun = Union[Control, Cancel, Ping]
+
+
+def relay(msg, ctx, on_rows) -> bool:
+    """Hand a run-side message to the agent's context: rows to `on_rows`, acks to the
+    inbox, progress and notes to their callbacks. False for a message it does not relay
+    (Done, or something unknown), which the caller handles."""
+    if isinstance(msg, Rows):
+        on_rows(msg.rows)
+    elif isinstance(msg, Acked):
+        ctx.inbox.ack(msg.ack)
+    elif isinstance(msg, Progress):
+        ctx.on_progress(msg.step)
+    elif isinstance(msg, Note):
+        ctx.on_note(msg.text)
+    else:
+        return False
+    return True

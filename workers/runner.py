@@ -22,7 +22,7 @@ import time
 from typing import Callable, Optional
 
 from trainctl.workers.engine.context import Command, ControlInbox, TrainingContext
-from trainctl.workers.pipe import PING_S, Acked, Cancel, Control, Done, Note, Ping, Progress, Row, Rows, ToRun
+from trainctl.workers.pipe import PING_S, Cancel, Control, Done, Ping, Row, ToRun, relay
 from trainctl.workers.run_process import report_devices, run_main
 
 log = logging.getLogger(__name__)
@@ -143,15 +143,9 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[Row]], No
                 break
             if fenced():
                 break  # nothing more of it is delivered
-            if isinstance(msg, Rows):
-                on_rows(msg.rows)
-            elif isinstance(msg, Acked):
-                ctx.inbox.ack(msg.ack)
-            elif isinstance(msg, Progress):
-                ctx.on_progress(msg.step)
-            elif isinstance(msg, Note):
-                ctx.on_note(msg.text)
-            elif isinstance(msg, Done):
+            if relay(msg, ctx, on_rows):
+                continue
+            if isinstance(msg, Done):
                 outcome = msg
             else:
                 raise TypeError(f"unknown message from the run process: {msg!r}")
