@@ -75,3 +75,20 @@ class RunOwner:
     def end(self, state: str, message: str = "") -> None:
         if self.run is not None and self._owned:
             self.run.finish(state, message)
+
+
+class OwnsRun:
+    """What both callbacks expose of their `RunOwner` (set as `self._owner`)."""
+
+    _owner: RunOwner
+
+    @property
+    def run(self):
+        return self._owner.run
+
+    @property
+    def knobs(self) -> dict:
+        return self._owner.knobs
+
+    def knob(self, name: str) -> float:
+        return self._owner.knob(name)

@@ -21,10 +21,10 @@ from typing import Any, Mapping, Optional
 
 from lightning.pytorch.callbacks import Callback
 
-from trainctl.integrations._common import KnobSpec, RunOwner, one_line, scalars
+from trainctl.integrations._common import KnobSpec, OwnsRun, RunOwner, one_line, scalars
 
 
-class TrainctlCallback(Callback):
+class TrainctlCallback(OwnsRun, Callback):
     def __init__(self, name: Optional[str] = None, *, config: Any = None, tags=None, server: Optional[str] = None,
                  token: Optional[str] = None, knobs: Optional[Mapping[str, KnobSpec]] = None, run=None):
         self._owner = RunOwner(run, name, config, tags, server, token, knobs)
@@ -34,18 +34,6 @@ class TrainctlCallback(Callback):
         self._pending: Optional[dict] = None  # the last step's row, until its metrics are all in
         self._last: dict = {}                 # key -> the tensor last recorded (to skip repeats)
         self._cancelled = False
-
-    # ------------------------------------------------------------------ public
-    @property
-    def run(self):
-        return self._owner.run
-
-    @property
-    def knobs(self) -> dict:
-        return self._owner.knobs
-
-    def knob(self, name: str) -> float:
-        return self._owner.knob(name)
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self, trainer, pl_module) -> None:

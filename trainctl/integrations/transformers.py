@@ -22,7 +22,7 @@ from typing import Any, Mapping, Optional
 
 from transformers import TrainerCallback
 
-from trainctl.integrations._common import KnobSpec, RunOwner, scalars
+from trainctl.integrations._common import KnobSpec, OwnsRun, RunOwner, scalars
 
 # The end-of-training summary Trainer.train() logs once; not step metrics.
 _SUMMARY = {"train_runtime", "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss",
@@ -40,22 +40,11 @@ def _epochly(strategy) -> bool:
     return str(getattr(strategy, "value", strategy)).lower() == "epoch"  # an IntervalStrategy or its str
 
 
-class TrainctlCallback(TrainerCallback):
+class TrainctlCallback(OwnsRun, TrainerCallback):
     def __init__(self, name: Optional[str] = None, *, config: Any = None, tags=None, server: Optional[str] = None,
                  token: Optional[str] = None, knobs: Optional[Mapping[str, KnobSpec]] = None, run=None):
         self._owner = RunOwner(run, name, config, tags, server, token, knobs)
         self._cancelled = False
-
-    @property
-    def run(self):
-        return self._owner.run
-
-    @property
-    def knobs(self) -> dict:
-        return self._owner.knobs
-
-    def knob(self, name: str) -> float:
-        return self._owner.knob(name)
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         run = self._owner.start(default_config=args.to_dict())
