@@ -65,6 +65,21 @@ class ControlSource(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCHEDULED: _ClassVar[ControlSource]
     REPLAYED: _ClassVar[ControlSource]
     CONSOLE: _ClassVar[ControlSource]
+
+class LogStream(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LOG_STREAM_UNSPECIFIED: _ClassVar[LogStream]
+    STDOUT: _ClassVar[LogStream]
+    STDERR: _ClassVar[LogStream]
+    LOGGING: _ClassVar[LogStream]
+    SYSTEM: _ClassVar[LogStream]
+
+class ArtifactKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ARTIFACT_KIND_UNSPECIFIED: _ClassVar[ArtifactKind]
+    ARTIFACT_CODE: _ClassVar[ArtifactKind]
+    ARTIFACT_CHECKPOINT: _ClassVar[ArtifactKind]
+    ARTIFACT_FILE: _ClassVar[ArtifactKind]
 EXPERIMENT_STATE_UNSPECIFIED: ExperimentState
 QUEUED: ExperimentState
 ASSIGNED: ExperimentState
@@ -99,6 +114,15 @@ LIVE: ControlSource
 SCHEDULED: ControlSource
 REPLAYED: ControlSource
 CONSOLE: ControlSource
+LOG_STREAM_UNSPECIFIED: LogStream
+STDOUT: LogStream
+STDERR: LogStream
+LOGGING: LogStream
+SYSTEM: LogStream
+ARTIFACT_KIND_UNSPECIFIED: ArtifactKind
+ARTIFACT_CODE: ArtifactKind
+ARTIFACT_CHECKPOINT: ArtifactKind
+ARTIFACT_FILE: ArtifactKind
 
 class Knob(_message.Message):
     __slots__ = ("name", "value", "low", "high")
@@ -113,7 +137,7 @@ class Knob(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[float] = ..., low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
 
 class Experiment(_message.Message):
-    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of", "spec_json", "tags", "note", "kind", "knobs")
+    __slots__ = ("id", "name", "state", "spec", "created_at", "started_at", "finished_at", "attempt", "worker_id", "message", "summary", "last_step", "replay_of", "spec_json", "tags", "note", "kind", "knobs", "code_sha256")
     class SummaryEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +163,7 @@ class Experiment(_message.Message):
     NOTE_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
+    CODE_SHA256_FIELD_NUMBER: _ClassVar[int]
     id: int
     name: str
     state: ExperimentState
@@ -157,7 +182,8 @@ class Experiment(_message.Message):
     note: str
     kind: ExperimentKind
     knobs: _containers.RepeatedCompositeFieldContainer[Knob]
-    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ..., spec_json: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., kind: _Optional[_Union[ExperimentKind, str]] = ..., knobs: _Optional[_Iterable[_Union[Knob, _Mapping]]] = ...) -> None: ...
+    code_sha256: str
+    def __init__(self, id: _Optional[int] = ..., name: _Optional[str] = ..., state: _Optional[_Union[ExperimentState, str]] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., message: _Optional[str] = ..., summary: _Optional[_Mapping[str, float]] = ..., last_step: _Optional[int] = ..., replay_of: _Optional[int] = ..., spec_json: _Optional[str] = ..., tags: _Optional[_Iterable[str]] = ..., note: _Optional[str] = ..., kind: _Optional[_Union[ExperimentKind, str]] = ..., knobs: _Optional[_Iterable[_Union[Knob, _Mapping]]] = ..., code_sha256: _Optional[str] = ...) -> None: ...
 
 class MetricBatch(_message.Message):
     __slots__ = ("experiment_id", "attempt", "seq", "scope", "names", "rows")
@@ -222,6 +248,18 @@ class ControlRecord(_message.Message):
     hold: bool
     knob: str
     def __init__(self, command_id: _Optional[str] = ..., experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ControlKind, str]] = ..., value: _Optional[float] = ..., status: _Optional[_Union[ControlStatus, str]] = ..., source: _Optional[_Union[ControlSource, str]] = ..., requested_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., at_step: _Optional[int] = ..., consequence: _Optional[str] = ..., hold: _Optional[bool] = ..., knob: _Optional[str] = ...) -> None: ...
+
+class LogsRequest(_message.Message):
+    __slots__ = ("id", "follow", "tail", "attempt")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FOLLOW_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    follow: bool
+    tail: int
+    attempt: int
+    def __init__(self, id: _Optional[int] = ..., follow: _Optional[bool] = ..., tail: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
     __slots__ = ("name", "config", "tags", "replay_of")
@@ -296,10 +334,12 @@ class ListWorkersResponse(_message.Message):
     def __init__(self, workers: _Optional[_Iterable[_Union[WorkerInfo, _Mapping]]] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
-    __slots__ = ("spec",)
+    __slots__ = ("spec", "code_sha256")
     SPEC_FIELD_NUMBER: _ClassVar[int]
+    CODE_SHA256_FIELD_NUMBER: _ClassVar[int]
     spec: _struct_pb2.Struct
-    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    code_sha256: str
+    def __init__(self, spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., code_sha256: _Optional[str] = ...) -> None: ...
 
 class GetRequest(_message.Message):
     __slots__ = ("id",)
@@ -446,20 +486,22 @@ class Device(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., index: _Optional[int] = ..., name: _Optional[str] = ..., memory_bytes: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("worker_id", "hostname", "devices", "version", "current", "run_token")
+    __slots__ = ("worker_id", "hostname", "devices", "version", "current", "run_token", "accepts_code")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CURRENT_FIELD_NUMBER: _ClassVar[int]
     RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTS_CODE_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     hostname: str
     devices: _containers.RepeatedCompositeFieldContainer[Device]
     version: str
     current: Heartbeat
     run_token: str
-    def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., version: _Optional[str] = ..., current: _Optional[_Union[Heartbeat, _Mapping]] = ..., run_token: _Optional[str] = ...) -> None: ...
+    accepts_code: bool
+    def __init__(self, worker_id: _Optional[str] = ..., hostname: _Optional[str] = ..., devices: _Optional[_Iterable[_Union[Device, _Mapping]]] = ..., version: _Optional[str] = ..., current: _Optional[_Union[Heartbeat, _Mapping]] = ..., run_token: _Optional[str] = ..., accepts_code: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("experiment_id", "attempt", "step", "usage")
@@ -531,20 +573,56 @@ class ControlAck(_message.Message):
     def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., command_id: _Optional[str] = ..., ok: _Optional[bool] = ..., applied_step: _Optional[int] = ..., old_value: _Optional[float] = ..., new_value: _Optional[float] = ..., message: _Optional[str] = ..., consequence: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "metrics", "state", "ack", "knobs")
+    __slots__ = ("hello", "heartbeat", "metrics", "state", "ack", "knobs", "logs")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ACK_FIELD_NUMBER: _ClassVar[int]
     KNOBS_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     heartbeat: Heartbeat
     metrics: MetricBatch
     state: StateUpdate
     ack: ControlAck
     knobs: KnobDeclaration
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., metrics: _Optional[_Union[MetricBatch, _Mapping]] = ..., state: _Optional[_Union[StateUpdate, _Mapping]] = ..., ack: _Optional[_Union[ControlAck, _Mapping]] = ..., knobs: _Optional[_Union[KnobDeclaration, _Mapping]] = ...) -> None: ...
+    logs: LogBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., metrics: _Optional[_Union[MetricBatch, _Mapping]] = ..., state: _Optional[_Union[StateUpdate, _Mapping]] = ..., ack: _Optional[_Union[ControlAck, _Mapping]] = ..., knobs: _Optional[_Union[KnobDeclaration, _Mapping]] = ..., logs: _Optional[_Union[LogBatch, _Mapping]] = ...) -> None: ...
+
+class LogLine(_message.Message):
+    __slots__ = ("attempt", "index", "stream", "wall_time", "text")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    STREAM_FIELD_NUMBER: _ClassVar[int]
+    WALL_TIME_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    index: int
+    stream: LogStream
+    wall_time: float
+    text: str
+    def __init__(self, attempt: _Optional[int] = ..., index: _Optional[int] = ..., stream: _Optional[_Union[LogStream, str]] = ..., wall_time: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class LogBatch(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "lines")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    lines: _containers.RepeatedCompositeFieldContainer[LogLine]
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., lines: _Optional[_Iterable[_Union[LogLine, _Mapping]]] = ...) -> None: ...
+
+class LogAck(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "index")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    index: int
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., index: _Optional[int] = ...) -> None: ...
 
 class KnobDeclaration(_message.Message):
     __slots__ = ("experiment_id", "attempt", "knobs")
@@ -565,7 +643,7 @@ class Welcome(_message.Message):
     def __init__(self, heartbeat_interval_s: _Optional[float] = ..., lease_timeout_s: _Optional[float] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "name", "spec", "controls", "store_id", "delivered_steps", "delivered_epochs")
+    __slots__ = ("experiment_id", "attempt", "name", "spec", "controls", "store_id", "delivered_steps", "delivered_epochs", "code_sha256", "checkpoint")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -574,6 +652,8 @@ class Assignment(_message.Message):
     STORE_ID_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_STEPS_FIELD_NUMBER: _ClassVar[int]
     DELIVERED_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    CODE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     name: str
@@ -582,7 +662,9 @@ class Assignment(_message.Message):
     store_id: str
     delivered_steps: int
     delivered_epochs: int
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ..., store_id: _Optional[str] = ..., delivered_steps: _Optional[int] = ..., delivered_epochs: _Optional[int] = ...) -> None: ...
+    code_sha256: str
+    checkpoint: Artifact
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., controls: _Optional[_Iterable[_Union[ControlRecord, _Mapping]]] = ..., store_id: _Optional[str] = ..., delivered_steps: _Optional[int] = ..., delivered_epochs: _Optional[int] = ..., code_sha256: _Optional[str] = ..., checkpoint: _Optional[_Union[Artifact, _Mapping]] = ...) -> None: ...
 
 class ControlCommand(_message.Message):
     __slots__ = ("experiment_id", "attempt", "command_id", "kind", "value", "hold", "knob")
@@ -625,15 +707,103 @@ class BatchAck(_message.Message):
     def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("welcome", "assignment", "control", "cancel", "batch_ack")
+    __slots__ = ("welcome", "assignment", "control", "cancel", "batch_ack", "log_ack")
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENT_FIELD_NUMBER: _ClassVar[int]
     CONTROL_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     BATCH_ACK_FIELD_NUMBER: _ClassVar[int]
+    LOG_ACK_FIELD_NUMBER: _ClassVar[int]
     welcome: Welcome
     assignment: Assignment
     control: ControlCommand
     cancel: CancelRun
     batch_ack: BatchAck
-    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., control: _Optional[_Union[ControlCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelRun, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ...) -> None: ...
+    log_ack: LogAck
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., assignment: _Optional[_Union[Assignment, _Mapping]] = ..., control: _Optional[_Union[ControlCommand, _Mapping]] = ..., cancel: _Optional[_Union[CancelRun, _Mapping]] = ..., batch_ack: _Optional[_Union[BatchAck, _Mapping]] = ..., log_ack: _Optional[_Union[LogAck, _Mapping]] = ...) -> None: ...
+
+class Artifact(_message.Message):
+    __slots__ = ("experiment_id", "attempt", "name", "kind", "sha256", "size", "step", "created_at")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    attempt: int
+    name: str
+    kind: ArtifactKind
+    sha256: str
+    size: int
+    step: int
+    created_at: _timestamp_pb2.Timestamp
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ..., sha256: _Optional[str] = ..., size: _Optional[int] = ..., step: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class UploadHeader(_message.Message):
+    __slots__ = ("artifact", "run_token")
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    RUN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    artifact: Artifact
+    run_token: str
+    def __init__(self, artifact: _Optional[_Union[Artifact, _Mapping]] = ..., run_token: _Optional[str] = ...) -> None: ...
+
+class UploadChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: UploadHeader
+    data: bytes
+    def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ArtifactRef(_message.Message):
+    __slots__ = ("sha256", "experiment_id", "name", "offset")
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    sha256: str
+    experiment_id: int
+    name: str
+    offset: int
+    def __init__(self, sha256: _Optional[str] = ..., experiment_id: _Optional[int] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class DownloadChunk(_message.Message):
+    __slots__ = ("artifact", "data")
+    ARTIFACT_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    artifact: Artifact
+    data: bytes
+    def __init__(self, artifact: _Optional[_Union[Artifact, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ListArtifactsRequest(_message.Message):
+    __slots__ = ("experiment_id", "kind")
+    EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    experiment_id: int
+    kind: ArtifactKind
+    def __init__(self, experiment_id: _Optional[int] = ..., kind: _Optional[_Union[ArtifactKind, str]] = ...) -> None: ...
+
+class ListArtifactsResponse(_message.Message):
+    __slots__ = ("artifacts",)
+    ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
+    artifacts: _containers.RepeatedCompositeFieldContainer[Artifact]
+    def __init__(self, artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ...) -> None: ...
+
+class GcRequest(_message.Message):
+    __slots__ = ("dry_run",)
+    DRY_RUN_FIELD_NUMBER: _ClassVar[int]
+    dry_run: bool
+    def __init__(self, dry_run: _Optional[bool] = ...) -> None: ...
+
+class GcResponse(_message.Message):
+    __slots__ = ("artifacts_removed", "blobs_removed", "bytes_freed")
+    ARTIFACTS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BLOBS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FREED_FIELD_NUMBER: _ClassVar[int]
+    artifacts_removed: int
+    blobs_removed: int
+    bytes_freed: int
+    def __init__(self, artifacts_removed: _Optional[int] = ..., blobs_removed: _Optional[int] = ..., bytes_freed: _Optional[int] = ...) -> None: ...

@@ -96,6 +96,11 @@ class ExperimentsStub:
                 request_serializer=trainctl_dot_v1_dot_trainctl__pb2.AttachRequest.SerializeToString,
                 response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/trainctl.v1.Experiments/Logs',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.LogsRequest.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.LogBatch.FromString,
+                _registered_method=True)
 
 
 class ExperimentsServicer:
@@ -186,6 +191,15 @@ class ExperimentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logs(self, request, context):
+        """A run's captured output (a submitted command's stdout/stderr, a spec run's logging):
+        the stored lines (the last `tail` of them), then, with `follow`, new lines as they
+        arrive until the experiment reaches a final state.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ExperimentsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +262,11 @@ def add_ExperimentsServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.AttachRequest.FromString,
                     response_serializer=trainctl_dot_v1_dot_trainctl__pb2.AttachResponse.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.LogsRequest.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.LogBatch.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -586,6 +605,33 @@ class Experiments:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainctl.v1.Experiments/Logs',
+            trainctl_dot_v1_dot_trainctl__pb2.LogsRequest.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.LogBatch.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class WorkersStub:
     """---------------------------------------------------------------- worker API
@@ -656,6 +702,277 @@ class Workers:
             '/trainctl.v1.Workers/Connect',
             trainctl_dot_v1_dot_trainctl__pb2.WorkerMessage.SerializeToString,
             trainctl_dot_v1_dot_trainctl__pb2.ServerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ArtifactsStub:
+    """---------------------------------------------------------------- artifacts
+
+    Code archives, checkpoints and user files, stored content-addressed (sha256) in the
+    server's artifact store (a directory, or any fsspec URL such as s3://bucket/prefix).
+    Who may call: a client token for code archives, listing, downloads and gc; a worker
+    token for the runs whose lease it holds; an attached run's run token for its run.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Upload = channel.stream_unary(
+                '/trainctl.v1.Artifacts/Upload',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.UploadChunk.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.Artifact.FromString,
+                _registered_method=True)
+        self.Stat = channel.unary_unary(
+                '/trainctl.v1.Artifacts/Stat',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.ArtifactRef.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.Artifact.FromString,
+                _registered_method=True)
+        self.Download = channel.unary_stream(
+                '/trainctl.v1.Artifacts/Download',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.ArtifactRef.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.DownloadChunk.FromString,
+                _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/trainctl.v1.Artifacts/ListArtifacts',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.ListArtifactsRequest.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.CollectGarbage = channel.unary_unary(
+                '/trainctl.v1.Artifacts/CollectGarbage',
+                request_serializer=trainctl_dot_v1_dot_trainctl__pb2.GcRequest.SerializeToString,
+                response_deserializer=trainctl_dot_v1_dot_trainctl__pb2.GcResponse.FromString,
+                _registered_method=True)
+
+
+class ArtifactsServicer:
+    """---------------------------------------------------------------- artifacts
+
+    Code archives, checkpoints and user files, stored content-addressed (sha256) in the
+    server's artifact store (a directory, or any fsspec URL such as s3://bucket/prefix).
+    Who may call: a client token for code archives, listing, downloads and gc; a worker
+    token for the runs whose lease it holds; an attached run's run token for its run.
+    """
+
+    def Upload(self, request_iterator, context):
+        """The first chunk carries `header`, the rest `data`, in order. The server checks the
+        size and sha256 before it records the artifact (INVALID_ARGUMENT on a mismatch).
+        Code archives are checked member by member (no absolute paths, no `..`, no links
+        out of the tree, no device files; INVALID_ARGUMENT naming the member).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stat(self, request, context):
+        """An artifact's record: by sha256 (is this blob stored? NOT_FOUND if not) or by
+        (experiment_id, name). Lets a client skip uploading what the server has.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Download(self, request, context):
+        """The first chunk carries the record, then the bytes in order.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListArtifacts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CollectGarbage(self, request, context):
+        """Apply retention (checkpoints beyond each experiment's keep count) and delete blobs
+        nothing references any more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ArtifactsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Upload': grpc.stream_unary_rpc_method_handler(
+                    servicer.Upload,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.UploadChunk.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.Artifact.SerializeToString,
+            ),
+            'Stat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stat,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ArtifactRef.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.Artifact.SerializeToString,
+            ),
+            'Download': grpc.unary_stream_rpc_method_handler(
+                    servicer.Download,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ArtifactRef.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.DownloadChunk.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.ListArtifactsRequest.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.ListArtifactsResponse.SerializeToString,
+            ),
+            'CollectGarbage': grpc.unary_unary_rpc_method_handler(
+                    servicer.CollectGarbage,
+                    request_deserializer=trainctl_dot_v1_dot_trainctl__pb2.GcRequest.FromString,
+                    response_serializer=trainctl_dot_v1_dot_trainctl__pb2.GcResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'trainctl.v1.Artifacts', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('trainctl.v1.Artifacts', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Artifacts:
+    """---------------------------------------------------------------- artifacts
+
+    Code archives, checkpoints and user files, stored content-addressed (sha256) in the
+    server's artifact store (a directory, or any fsspec URL such as s3://bucket/prefix).
+    Who may call: a client token for code archives, listing, downloads and gc; a worker
+    token for the runs whose lease it holds; an attached run's run token for its run.
+    """
+
+    @staticmethod
+    def Upload(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/trainctl.v1.Artifacts/Upload',
+            trainctl_dot_v1_dot_trainctl__pb2.UploadChunk.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.Artifact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainctl.v1.Artifacts/Stat',
+            trainctl_dot_v1_dot_trainctl__pb2.ArtifactRef.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.Artifact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Download(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/trainctl.v1.Artifacts/Download',
+            trainctl_dot_v1_dot_trainctl__pb2.ArtifactRef.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.DownloadChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainctl.v1.Artifacts/ListArtifacts',
+            trainctl_dot_v1_dot_trainctl__pb2.ListArtifactsRequest.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.ListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CollectGarbage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/trainctl.v1.Artifacts/CollectGarbage',
+            trainctl_dot_v1_dot_trainctl__pb2.GcRequest.SerializeToString,
+            trainctl_dot_v1_dot_trainctl__pb2.GcResponse.FromString,
             options,
             channel_credentials,
             insecure,
