@@ -3,7 +3,6 @@ TRAINCTL_SERVER / TRAINCTL_TOKEN. Every read command takes --json."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -53,8 +52,9 @@ def cmd_server(args) -> int:
         serve(args.listen, ServerConfig(db_url=args.db, heartbeat_interval=args.heartbeat,
                                         lease_timeout=args.lease_timeout, grace=args.grace, tokens=tokens, tls=tls,
                                         metrics_port=args.metrics_port, http=args.http,
-                                        http_allow_remote=args.http_allow_remote))
-    except StoreError as exc:  # e.g. a database written by a newer trainctl
+                                        http_allow_remote=args.http_allow_remote, artifacts=args.artifacts,
+                                        max_artifact_mb=args.max_artifact_mb))
+    except (StoreError, ValueError) as exc:  # e.g. a database written by a newer trainctl, a missing bucket
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
@@ -65,7 +65,7 @@ def cmd_worker(args) -> int:
 
     token = args.token or _read_token_file(args.token_file)
     return run_worker(args.server, worker_id=args.worker_id, workdir=args.workdir, max_runs=args.max_runs,
-                      token=token, data_roots=args.data_root)
+                      token=token, data_roots=args.data_root, accepts_code=not args.no_code)
 
 
 def _read_token_file(path: str | None) -> str | None:
@@ -78,7 +78,12 @@ def _read_token_file(path: str | None) -> str | None:
 # ---------------------------------------------------------------------- experiments
 def cmd_submit(args) -> int:
     with _client(args) as c:
-        x = c.submit(args.spec)
+        if args.code is not None:  # the job's command on a folder: client/code_cmds.py
+            from trainctl.client.code_cmds import submit_code
+
+            x = submit_code(args, c, lambda text: _say(args, text))
+        else:
+            x = c.submit(args.spec)
         if args.json and not args.follow:
             _print_json(x)
             return 0
@@ -130,14 +135,18 @@ def cmd_ls(args) -> int:
 def cmd_get(args) -> int:
     from trainctl.client.render import experiment_detail
 
+    from trainctl.client.logs_cmd import last_error_lines
+
     with _client(args) as c:
         x, controls = c.get(args.id), c.controls(args.id)
+        last_lines = last_error_lines(c, x)  # a FAILED run's last stderr lines
     if args.json:
         from trainctl.client.output import jsonable
 
-        _print_json({**jsonable(x), "controls": jsonable(controls)})
+        extra = {"last_lines": last_lines} if last_lines else {}
+        _print_json({**jsonable(x), "controls": jsonable(controls), **extra})
     else:
-        experiment_detail(x, controls)
+        experiment_detail(x, controls, last_lines)
     return 0
 
 
@@ -203,85 +212,6 @@ def cmd_replay(args) -> int:
         return _follow(c, x.id, args.json) if args.follow else 0
 
 
-# ---------------------------------------------------------------------- schedule preview / plot
-def cmd_schedule_preview(args) -> int:
-    from trainctl.client.preview import preview_spec, render_text
-
-    p = preview_spec(args.spec, steps_per_epoch=args.steps_per_epoch)
-    if args.png:
-        from trainctl.client.plot import preview_png
-
-        preview_png(p, args.png)
-    if args.json:
-        print(json.dumps(p.to_json()))
-    else:
-        render_text(p)
-    if args.png:
-        _say(args, f"wrote {args.png}")
-    return 0
-
-
-def cmd_plot(args) -> int:
-    from trainctl.client.plot import MAX_POINTS, experiment_png
-
-    if len(args.ids) > 1:
-        from trainctl.client.console_cmds import cmd_plot_overlay
-
-        return cmd_plot_overlay(args, _client)
-    args.id = args.ids[0]
-
-    png = args.png or f"experiment-{args.id}.png"
-    with _client(args) as c:
-        x = c.get(args.id)
-        series = c.metrics(args.id, max_points=MAX_POINTS)
-        controls = c.controls(args.id)
-    try:
-        drawn = experiment_png(x, series, controls, png)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(drawn))
-    else:
-        print(f"wrote {png}: {', '.join(drawn['series'])}; {len(drawn['controls'])} control event(s) marked")
-    return 0
-
-
-def cmd_export_tb(args) -> int:
-    from trainctl.client.tensorboard import export_experiment
-
-    with _client(args) as c:
-        out = export_experiment(c, args.id, args.logdir)
-    if not out["points"] and not out["controls"]:
-        print(f"error: experiment {args.id} has no metrics or controls stored yet: nothing to export "
-              f"(state {out['state']})", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(out))
-    else:
-        print(f"wrote {out['logdir']}: {out['points']} points in {len(out['tags'])} series, "
-              f"{out['controls']} control event(s); view with: tensorboard --logdir {args.logdir}")
-    return 0
-
-
-def cmd_top(args) -> int:
-    from trainctl.client.dashboard import run_top, snapshots
-    from trainctl.client.render import console
-
-    with _client(args) as c:
-        if args.json:
-            print(json.dumps([r.to_json() for r in snapshots(c, args.ids)]))
-        else:
-            run_top(c, args.ids, once=args.once, console=console)
-    return 0
-
-
-def cmd_demo(args) -> int:
-    from trainctl.client.demo import run_demo
-
-    return run_demo(spec=args.spec, port=args.port, workdir=args.workdir, set_lr=args.set_lr)
-
-
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="trainctl", description="Submit, watch and steer training runs.")
@@ -290,56 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DEBUG, INFO, WARNING, ERROR (default: INFO for server and worker, WARNING otherwise)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("server", help="run the control server")
-    s.add_argument("--listen", default="127.0.0.1:50051",
-                   help="host:port to serve gRPC on (default 127.0.0.1:50051; 0.0.0.0:50051 for every interface)")
-    s.add_argument("--db", default=os.environ.get("TRAINCTL_DB", "sqlite:///trainctl.db"),
-                   help="SQLAlchemy URL (env TRAINCTL_DB)")
-    s.add_argument("--heartbeat", type=float, default=2.0, help="worker heartbeat interval, s")
-    s.add_argument("--lease-timeout", type=float, default=15.0, help="requeue a run after this long without news, s")
-    s.add_argument("--grace", type=float, default=10.0, help="seconds to finish in-flight work on SIGTERM")
-    env = os.environ.get
-    # Server-only variables: a shell that exported TRAINCTL_TOKEN for the CLI must not
-    # turn auth on for a server started from it. Prefer the env/file forms: flags show in `ps`.
-    s.add_argument("--client-token", default=env("TRAINCTL_SERVER_CLIENT_TOKEN"),
-                   help="token clients must present (env TRAINCTL_SERVER_CLIENT_TOKEN); no token at all = auth off")
-    s.add_argument("--worker-token", default=env("TRAINCTL_SERVER_WORKER_TOKEN"),
-                   help="token workers must present (env TRAINCTL_SERVER_WORKER_TOKEN)")
-    s.add_argument("--client-token-file", default=env("TRAINCTL_SERVER_CLIENT_TOKEN_FILE"),
-                   help="file of client tokens, one a line (env TRAINCTL_SERVER_CLIENT_TOKEN_FILE)")
-    s.add_argument("--worker-token-file", default=env("TRAINCTL_SERVER_WORKER_TOKEN_FILE"),
-                   help="file of worker tokens, one a line (env TRAINCTL_SERVER_WORKER_TOKEN_FILE)")
-    s.add_argument("--tls-cert", default=env("TRAINCTL_TLS_CERT"), help="server certificate (PEM); enables TLS")
-    s.add_argument("--tls-key", default=env("TRAINCTL_TLS_KEY"), help="server private key (PEM)")
-    s.add_argument("--tls-client-ca", default=env("TRAINCTL_TLS_CLIENT_CA"),
-                   help="CA that client certificates must chain to (mutual TLS)")
-    s.add_argument("--metrics-port", type=int, default=env("TRAINCTL_METRICS_PORT"),
-                   help="serve Prometheus metrics on this port, same host as --listen (env TRAINCTL_METRICS_PORT); "
-                        "default off")
-    s.add_argument("--http", default=env("TRAINCTL_HTTP"), metavar="HOST:PORT",
-                   help="serve the web console here, e.g. 127.0.0.1:8080 (env TRAINCTL_HTTP); default off")
-    s.add_argument("--http-allow-remote", action="store_true",
-                   help="with auth off, serve the console on a non-loopback address anyway")
-    s.set_defaults(fn=cmd_server)
+    from trainctl.client import process_cmds
 
-    s = sub.add_parser("worker", help="run a worker that trains assigned experiments")
-    s.add_argument("--server", "-s", default=os.environ.get("TRAINCTL_SERVER", DEFAULT_ADDRESS),
-                   help="server address host:port (env TRAINCTL_SERVER)")
-    s.add_argument("--worker-id", default=os.environ.get("TRAINCTL_WORKER_ID"))
-    s.add_argument("--workdir", default=os.environ.get("TRAINCTL_WORKDIR", "runs"), help="checkpoints go here")
-    s.add_argument("--max-runs", type=int, default=0, help="exit after this many runs (0 = never)")
-    s.add_argument("--token", default=os.environ.get("TRAINCTL_WORKER_TOKEN"),
-                   help="worker token; prefer env TRAINCTL_WORKER_TOKEN or --token-file: a flag shows in `ps`")
-    s.add_argument("--token-file", default=os.environ.get("TRAINCTL_WORKER_TOKEN_FILE"),
-                   help="file holding the worker token (env TRAINCTL_WORKER_TOKEN_FILE)")
-    s.add_argument("--data-root", action="append", metavar="DIR",
-                   default=[r for r in os.environ.get("TRAINCTL_DATA_ROOT", "").split(os.pathsep) if r] or None,
-                   help="a directory specs may read data and weights files from (repeatable; env TRAINCTL_DATA_ROOT, "
-                        "':'-separated); default: the worker's current directory only")
-    s.set_defaults(fn=cmd_worker)
+    process_cmds.add_parsers(sub, cmd_server, cmd_worker)
 
-    s = sub.add_parser("submit", help="submit a spec (YAML/JSON)")
+    s = sub.add_parser("submit", help="submit a spec (YAML/JSON), or a job spec with --code DIR")
     s.add_argument("spec")
+    from trainctl.client import code_cmds
+
+    code_cmds.add_submit_options(s)
     s.add_argument("--follow", "-f", action="store_true", help="watch until it ends; exit 1 unless COMPLETED")
     s.add_argument("--json", action="store_true")
     _add_conn(s)
@@ -431,47 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_conn(s)
     s.set_defaults(fn=cmd_replay)
 
-    s = sub.add_parser("schedule", help="LR schedule tools")
-    ssub = s.add_subparsers(dest="schedule_command", required=True, metavar="SUBCOMMAND")
-    s = ssub.add_parser("preview", help="the LR at every step of a spec (controls applied), without training")
-    s.add_argument("spec", help="spec file (YAML/JSON)")
-    s.add_argument("--steps-per-epoch", type=int, default=None, metavar="N",
-                   help="optimizer steps per epoch; default: count them from the dataset as the worker does")
-    s.add_argument("--png", metavar="FILE", help="also write a plot (epochs on the x axis)")
-    s.add_argument("--json", action="store_true", help='{"steps_per_epoch", "epochs", "lr": [...], ...}')
-    s.set_defaults(fn=cmd_schedule_preview)
+    from trainctl.client import view_cmds
 
-    s = sub.add_parser("plot", help="PNG of an experiment's LR, loss and accuracy with its control events "
-                                    "(several IDs: overlaid)")
-    s.add_argument("ids", type=int, nargs="+", metavar="ID")
-    s.add_argument("--png", metavar="FILE", help="output file (default: experiment-ID.png)")
-    s.add_argument("--json", action="store_true", help="print what was plotted as JSON")
-    _add_conn(s)
-    s.set_defaults(fn=cmd_plot)
-
-    s = sub.add_parser("export-tb", help="write an experiment's metrics and controls as TensorBoard event files")
-    s.add_argument("id", type=int)
-    s.add_argument("--logdir", required=True, help="TensorBoard log dir; the run goes to LOGDIR/ID-NAME/")
-    s.add_argument("--json", action="store_true", help='{"id", "logdir", "tags", "points", "controls"}')
-    _add_conn(s)
-    s.set_defaults(fn=cmd_export_tb)
-
-    s = sub.add_parser("top", help="full-screen live table of several runs (default: all queued and running)")
-    s.add_argument("ids", type=int, nargs="*", metavar="ID")
-    s.add_argument("--once", action="store_true", help="print one frame and exit")
-    s.add_argument("--json", action="store_true", help="one snapshot of every run as JSON (implies --once)")
-    _add_conn(s)
-    s.set_defaults(fn=cmd_top)
-
-    s = sub.add_parser("demo", help="server + worker on loopback, a digits run, an LR change mid-run")
-    s.add_argument("--spec", default=None, help="spec to run (default: examples/digits.yaml)")
-    s.add_argument("--port", type=int, default=0, help="0 = any free port")
-    s.add_argument("--workdir", default=None, help="where the database and checkpoints go (default: a temp dir)")
-    s.add_argument("--set-lr", type=float, default=0.01, help="the LR to switch to mid-run")
-    s.set_defaults(fn=cmd_demo)
+    view_cmds.add_parsers(sub, _add_conn, _client, _say)
+    process_cmds.add_demo_parser(sub)
     from trainctl.client import console_cmds
 
     console_cmds.add_parsers(sub, _add_conn, _client)
+    from trainctl.client import logs_cmd
+
+    logs_cmd.add_parser(sub, _add_conn, _client)
+    code_cmds.add_parsers(sub, _add_conn, _client)
     return p
 
 

@@ -54,9 +54,15 @@ def print_experiments(xs: list[ExperimentInfo], con: Optional[Console] = None) -
     print_table(con or console, EXPERIMENT_COLUMNS, experiment_rows(xs))
 
 
-def experiment_detail(x: ExperimentInfo, controls: list[ControlResult]) -> None:
+def experiment_detail(x: ExperimentInfo, controls: list[ControlResult], last_lines: list[str] = ()) -> None:
+    """`last_lines`: a FAILED run's last stderr lines (client/logs_cmd.last_error_lines)."""
     console.print(f"[bold]experiment {x.id}[/] {x.name}  [{STATE_STYLE.get(x.state, '')}]{x.state}[/]"
                   f"  attempt {x.attempt}  worker {x.worker_id or '-'}")
+    if x.kind != "SPEC":
+        console.print(f"kind {x.kind}")
+    if x.kind == "CODE":  # the user's command on their uploaded folder
+        console.print(Text(f"command: {x.spec.get('command', '-')}"))
+        console.print(f"code: {x.code_sha256[:12] or '(none: an empty folder)'}")
     if x.replay_of:
         console.print(f"replay of #{x.replay_of} (its spec and recorded control log)")
     console.print(f"created {_when(x.created_at)}  started {_when(x.started_at)}  finished {_when(x.finished_at)}")
@@ -66,6 +72,10 @@ def experiment_detail(x: ExperimentInfo, controls: list[ControlResult]) -> None:
         console.print(f"note: {x.note}")
     if x.message:
         console.print(f"message: {x.message}")
+    if last_lines:
+        console.print(f"[bold]last lines of its output[/] (trainctl logs {x.id} for all)")
+        for line in last_lines:
+            console.print(Text("  " + line))  # the user's text: never read as markup
     if x.knobs:
         console.print("knobs: " + "  ".join(_knob(k) for k in x.knobs))
     if x.summary:

@@ -1,7 +1,7 @@
 """Python SDK: `Client(address, token)` with the same verbs as the CLI.
 
-Returns plain dataclasses (`ExperimentInfo`, `ControlResult`, `Event`), so scripts
-never touch protobuf enums. gRPC errors surface as `TrainctlError` carrying the status
+Returns plain dataclasses (`ExperimentInfo`, `ControlResult`, `Event`, `LogLine`:
+client/sdk_types.py, re-exported here), so scripts never touch protobuf enums. gRPC errors surface as `TrainctlError` carrying the status
 code name and the server's message.
 
 Conventions: steps and epochs are 0-based indexes here, as on the wire (the CLI shows
@@ -11,26 +11,22 @@ This module imports no spec models (pydantic) at load: `trainctl get` must start
 """
 from __future__ import annotations
 
-import json
-import math
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import grpc
 
 from trainctl import controls
+from trainctl.client.sdk_types import (  # noqa: F401  (re-exported: import the types from here)
+    FINAL, INT_SUMMARY_KEYS, ControlResult, Event, ExperimentInfo, LogLine, events_of, spec_of, summary_of)
 from trainctl.transport import auth_metadata, open_channel, tls_hint
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
-FINAL = ("COMPLETED", "FAILED", "CANCELLED")
-# Summary values are doubles on the wire; these keys are counts.
-INT_SUMMARY_KEYS = frozenset({"steps", "epochs", "best_epoch", "restarts"})
 # A Watch stream that breaks before the run ends is reopened from the last row seen;
 # codes that no retry can fix (bad id, auth) are raised at once.
 FATAL_WATCH_CODES = frozenset({"NOT_FOUND", "INVALID_ARGUMENT", "UNAUTHENTICATED", "PERMISSION_DENIED",
@@ -52,122 +48,6 @@ def _error(exc: grpc.RpcError) -> TrainctlError:
     return TrainctlError(code, details + tls_hint(code, details))
 
 
-def _ts(msg, name: str) -> Optional[float]:
-    if not msg.HasField(name):
-        return None
-    ts = getattr(msg, name)
-    return ts.ToNanoseconds() / 1e9
-
-
-def _plain(v):
-    """Struct/ListValue -> dicts and lists (numbers stay floats: the Struct has no ints)."""
-    if hasattr(v, "keys"):
-        return {k: _plain(v[k]) for k in v.keys()}
-    if hasattr(v, "append") and not isinstance(v, (list, str)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def spec_of(m: pb.Experiment) -> dict:
-    """The spec with its declared types: `spec_json` when the server sends it (integers
-    stay integers), else the Struct (every number a float)."""
-    if m.spec_json:
-        try:
-            return json.loads(m.spec_json)
-        except ValueError:
-            pass
-    return _plain(m.spec)
-
-
-def summary_of(m: pb.Experiment) -> dict:
-    return {k: int(v) if k in INT_SUMMARY_KEYS and math.isfinite(v) and v == int(v) else v
-            for k, v in m.summary.items()}
-
-
-@dataclass(frozen=True)
-class ExperimentInfo:
-    id: int
-    name: str
-    state: str
-    spec: dict
-    attempt: int
-    worker_id: str
-    message: str
-    summary: dict
-    last_step: int
-    created_at: Optional[float]
-    started_at: Optional[float]
-    finished_at: Optional[float]
-    replay_of: int
-    tags: tuple = ()
-    note: str = ""
-    kind: str = "SPEC"  # SPEC, ATTACHED (the user's own loop) or CODE
-    # Steerable values, from Get: ({"name", "value", "low", "high"}, ...); low/high None when unbounded.
-    knobs: tuple = ()
-
-    @classmethod
-    def from_pb(cls, m: pb.Experiment) -> "ExperimentInfo":
-        return cls(id=m.id, name=m.name, state=pb.ExperimentState.Name(m.state), spec=spec_of(m),
-                   attempt=m.attempt, worker_id=m.worker_id, message=m.message, summary=summary_of(m),
-                   last_step=m.last_step, created_at=_ts(m, "created_at"), started_at=_ts(m, "started_at"),
-                   finished_at=_ts(m, "finished_at"), replay_of=m.replay_of, tags=tuple(m.tags), note=m.note,
-                   kind=pb.ExperimentKind.Name(m.kind) if m.kind else "SPEC",
-                   knobs=tuple({"name": k.name, "value": k.value, "low": k.low if k.HasField("low") else None,
-                                "high": k.high if k.HasField("high") else None} for k in m.knobs))
-
-    @property
-    def is_final(self) -> bool:
-        return self.state in FINAL
-
-
-@dataclass(frozen=True)
-class ControlResult:
-    command_id: str
-    experiment_id: int
-    kind: str
-    value: float
-    status: str
-    source: str
-    applied_step: Optional[int]
-    old_value: Optional[float]
-    new_value: Optional[float]
-    message: str
-    requested_at: Optional[float]
-    applied_at: Optional[float]
-    at_step: Optional[int]
-    consequence: str = ""
-    hold: bool = False
-    knob: str = ""  # SET_KNOB: the knob's name
-
-    @classmethod
-    def from_pb(cls, m: pb.ControlRecord) -> "ControlResult":
-        def opt(v: float) -> Optional[float]:
-            return None if math.isnan(v) else v
-
-        # at_step is proto3 `optional` (unset for LIVE); older servers sent -1 instead.
-        at_step = m.at_step if m.HasField("at_step") and m.at_step >= 0 else None
-        return cls(command_id=m.command_id, experiment_id=m.experiment_id, kind=pb.ControlKind.Name(m.kind),
-                   value=m.value, status=pb.ControlStatus.Name(m.status), source=pb.ControlSource.Name(m.source),
-                   applied_step=m.applied_step if m.applied_step >= 0 and m.status in _STEPPED else None,
-                   old_value=opt(m.old_value), new_value=opt(m.new_value), message=m.message,
-                   requested_at=_ts(m, "requested_at"), applied_at=_ts(m, "applied_at"), at_step=at_step,
-                   consequence=m.consequence, hold=m.hold, knob=m.knob)
-
-
-@dataclass(frozen=True)
-class Event:
-    """One watch event. kind: "experiment" (state), "step" / "epoch" (one metric row),
-    or "control" (a resolved command). `epoch` is the 0-based index."""
-
-    kind: str
-    experiment: Optional[ExperimentInfo] = None
-    step: int = 0
-    epoch: int = 0
-    wall_time: float = 0.0
-    values: dict = field(default_factory=dict)
-    control: Optional[ControlResult] = None
-
-
 SpecLike = Union[str, Path, dict]
 
 
@@ -179,6 +59,7 @@ class Client:
         self._closed = False
         self._channel = open_channel(self.address)
         self._stub = pb_grpc.ExperimentsStub(self._channel)
+        self._artifacts = pb_grpc.ArtifactsStub(self._channel)
 
     def close(self) -> None:
         self._closed = True
@@ -200,12 +81,50 @@ class Client:
             raise _error(exc) from None
 
     # ------------------------------------------------------------------ experiments
-    def submit(self, spec: SpecLike) -> ExperimentInfo:
+    def submit(self, spec: SpecLike, *, code_dir: Union[str, Path, None] = None, max_code_mb: float = 50,
+               progress=None, code_sha256: str = "") -> ExperimentInfo:
+        """Submit a spec, or a job spec (a `command`) with its code folder `code_dir`:
+        packed, uploaded unless the server has it already (see upload_code), then run.
+        `code_sha256`: an archive uploaded before (upload_code) instead of `code_dir`."""
         from trainctl.spec import load_spec_file
         from trainctl.wire import struct_from_dict
 
         data = spec if isinstance(spec, dict) else load_spec_file(spec)
-        return ExperimentInfo.from_pb(self._call("Submit", pb.SubmitRequest(spec=struct_from_dict(data)), timeout=120))
+        if code_dir is not None:
+            from trainctl.client.code_sdk import submit_with_code
+
+            return submit_with_code(self, data, code_dir, max_bytes=int(max_code_mb * 1024 * 1024),
+                                    progress=progress)[0]
+        request = pb.SubmitRequest(spec=struct_from_dict(data), code_sha256=code_sha256)
+        return ExperimentInfo.from_pb(self._call("Submit", request, timeout=120))
+
+    # ------------------------------------------------------------------ code and artifacts (client/code_sdk.py)
+    def upload_code(self, code_dir: Union[str, Path], *, max_bytes: int = 50 * 1024 * 1024, progress=None):
+        """Pack a folder (ignore files honoured) and upload it unless the server has that
+        sha256 already. Returns code_sdk.CodeUpload (sha256, size, files, uploaded, ...)."""
+        from trainctl.client import code_sdk
+
+        return code_sdk.upload_code(self, code_dir, max_bytes=max_bytes, progress=progress)
+
+    def artifacts(self, id: int, kind: Optional[str] = None) -> list:
+        """An experiment's artifacts (0: code archives); kind: code, checkpoint or file."""
+        from trainctl.client import code_sdk
+
+        return code_sdk.list_artifacts(self, id, kind)
+
+    def download(self, id: int, name: Optional[str] = None, dest_dir: Union[str, Path] = ".", *,
+                 progress_for=None) -> list:
+        """Fetch artifact `name` (default: all) of experiment `id` into `dest_dir`;
+        [(ArtifactInfo, path)]. Each is checked against its sha256."""
+        from trainctl.client import code_sdk
+
+        return code_sdk.download(self, id, name, dest_dir, progress_for)
+
+    def gc(self, dry_run: bool = False) -> dict:
+        """Apply checkpoint retention and delete blobs nothing references (dry_run: only say)."""
+        from trainctl.client import code_sdk
+
+        return code_sdk.collect_garbage(self, dry_run)
 
     def get(self, id: int) -> ExperimentInfo:
         return ExperimentInfo.from_pb(self._call("Get", pb.GetRequest(id=id)))
@@ -285,7 +204,7 @@ class Client:
             problem: Optional[TrainctlError] = None
             try:
                 for ev in stream:
-                    for out in cursor.accept(_events(ev)):
+                    for out in cursor.accept(events_of(ev)):
                         failures = 0
                         yield out
                 # The stream ended by itself: after the final state (the server's last
@@ -310,6 +229,37 @@ class Client:
                 raise problem or TrainctlError(
                     "UNAVAILABLE", f"watch of experiment {id} ended {failures} times before a final state")
             time.sleep(min(0.25 * 2 ** (failures - 1), 5.0))
+
+    def logs(self, id: int, *, follow: bool = False, tail: int = 0, attempt: int = 0,
+             retries: int = 12) -> Iterator[LogLine]:
+        """The run's stored output lines (the last `tail`; only attempt `attempt` if not 0)
+        in (attempt, index) order; with `follow`, then new lines until the run ends. A
+        followed stream that breaks is reopened (up to `retries` times in a row, backing
+        off) and lines already yielded are skipped."""
+        last = (0, 0)
+        failures = 0
+        while True:
+            req = pb.LogsRequest(id=id, follow=follow, tail=tail if last == (0, 0) else 0, attempt=attempt)
+            try:
+                for batch in self._stub.Logs(req, timeout=None if follow else max(self.timeout, 300.0),
+                                             metadata=self._metadata()):
+                    failures = 0
+                    for m in batch.lines:
+                        key = (m.attempt, m.index)
+                        if m.index and key <= last:
+                            continue  # yielded before a reopen
+                        if not m.index and last != (0, 0):
+                            continue  # the "dropped" marker of a reopened stream
+                        if m.index:
+                            last = key
+                        yield LogLine.from_pb(m)
+                return
+            except grpc.RpcError as exc:
+                err = _error(exc)
+                if not follow or err.code in FATAL_WATCH_CODES or self._closed or failures >= retries:
+                    raise err from None
+            failures += 1
+            time.sleep(min(5.0, 0.25 * 2 ** (failures - 1)))
 
     def wait(self, id: int, timeout: Optional[float] = None) -> ExperimentInfo:
         """Block until the experiment reaches a final state and return it; WaitTimeout
@@ -376,19 +326,4 @@ class Client:
         return self.control(id, kinds[target], value, **kw)
 
 
-_STEPPED = (pb.APPLIED, pb.REJECTED)  # statuses whose applied_step means something
 _STATES = tuple(n for n in pb.ExperimentState.keys() if n != "EXPERIMENT_STATE_UNSPECIFIED")
-
-
-def _events(ev: pb.WatchEvent) -> Iterator[Event]:
-    which = ev.WhichOneof("event")
-    if which == "experiment":
-        yield Event("experiment", experiment=ExperimentInfo.from_pb(ev.experiment))
-    elif which == "control":
-        yield Event("control", control=ControlResult.from_pb(ev.control))
-    elif which == "metrics":
-        kind = "step" if ev.metrics.scope == pb.STEP else "epoch"
-        names = list(ev.metrics.names)
-        for r in ev.metrics.rows:
-            values = {n: v for n, v in zip(names, r.values) if not math.isnan(v)}
-            yield Event(kind, step=r.step, epoch=r.epoch, wall_time=r.wall_time, values=values)

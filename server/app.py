@@ -15,6 +15,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from trainctl.server.artifacts import default_location, open_blob_store
+from trainctl.server.artifacts.service import ArtifactsService
 from trainctl.server.auth import AuthInterceptor, TlsFiles, Tokens
 from trainctl.server.dispatcher import Dispatcher
 from trainctl.server.guard import GuardInterceptor
@@ -32,6 +34,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 SERVICE_NAMES = (
     pb.DESCRIPTOR.services_by_name["Experiments"].full_name,
     pb.DESCRIPTOR.services_by_name["Workers"].full_name,
+    pb.DESCRIPTOR.services_by_name["Artifacts"].full_name,
 )
 
 
@@ -47,6 +50,8 @@ class ServerConfig:
     watch_send_timeout: float = 60.0  # a Watch whose client takes no message for this long is cut off
     http: str | None = None  # web console HOST:PORT (server/console); None = off
     http_allow_remote: bool = False  # serve the console beyond loopback even with auth off
+    artifacts: str | None = None  # artifact store: a directory or fsspec URL; None = default_location(db_url)
+    max_artifact_mb: int = 2048  # largest single upload
 
 
 class ControlServer:
@@ -60,6 +65,7 @@ class ControlServer:
         self.health = health_servicer
         self.config = config
         self.experiments = None  # the ExperimentsService (the console calls it in-process)
+        self.artifacts = None  # the ArtifactsService
         self.console = None
 
     async def start(self) -> None:
@@ -87,6 +93,8 @@ class ControlServer:
             self.metrics = None
         await self.dispatcher.stop()
         await self.grpc.stop(self.config.grace if grace is None else grace)
+        if self.artifacts is not None:
+            self.artifacts.close()  # its uploads ended with the gRPC server
         self.live.close()  # waits for queued store writes
         self.live.store.close()
 
@@ -116,6 +124,9 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
     pb_grpc.add_ExperimentsServicer_to_server(experiments, server)
     pb_grpc.add_WorkersServicer_to_server(
         WorkersService(live, dispatcher, heartbeat_interval=config.heartbeat_interval), server)
+    artifacts = ArtifactsService(live, dispatcher, open_blob_store(config.artifacts or default_location(config.db_url)),
+                                 tokens=config.tokens, max_bytes=config.max_artifact_mb << 20)
+    pb_grpc.add_ArtifactsServicer_to_server(artifacts, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -129,6 +140,7 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
         raise OSError(f"could not bind {address}")
     control = ControlServer(server, live, dispatcher, health_servicer, config, host=listen_host(address))
     control.experiments = experiments
+    control.artifacts = artifacts
     return control, port
 
 
@@ -140,6 +152,7 @@ async def _serve(address: str, config: ServerConfig) -> None:
     if not config.tokens.enabled and not address.startswith(("127.", "localhost", "[::1]")):
         log.warning("no tokens configured: anyone who reaches %s can submit and steer runs", address)
     print(f"trainctl server listening on port {port}", flush=True)
+    log.info("artifact store: %s (uploads up to %d MB)", server.artifacts.blobs.url, config.max_artifact_mb)
     if server.metrics is not None:
         print(f"prometheus metrics on http://{server.host}:{server.metrics.port}/metrics", flush=True)
     if server.console is not None:

@@ -32,6 +32,8 @@ def experiment_to_pb(x: e.Experiment, knobs: list[e.Knob] | None = None) -> pb.E
         spec_json=json.dumps(x.spec, separators=(",", ":")),
         kind=pb.ExperimentKind.Value(x.kind or e.SPEC),
         knobs=[knob_to_pb(k) for k in knobs or ()],
+        # A CODE run's archive: in its job spec (set by the server at Submit), not a column.
+        code_sha256=str((x.spec or {}).get("code_sha256") or "") if x.kind == e.CODE else "",
     )
     for field, value in (("created_at", x.created_at), ("started_at", x.started_at), ("finished_at", x.finished_at)):
         ts = _ts(value)

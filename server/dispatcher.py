@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from trainctl.server import convert
+from trainctl.server.artifacts.service import artifact_to_pb
 from trainctl.server.leases import Lease, LeaseClock
 from trainctl.server.live import Live
 from trainctl.server.store import entities as e
@@ -45,6 +46,8 @@ class WorkerSession:
     # An attached run's SDK (its run token checked on Connect): it speaks for that one
     # run and is never assigned anything.
     attached: bool = False
+    # Hello.accepts_code: it may be given CODE runs (not `trainctl worker --no-code`).
+    accepts_code: bool = False
     # Its lease expired while the stream stayed open (a frozen process): assign nothing
     # until it speaks again.
     suspect: bool = False
@@ -233,7 +236,8 @@ class Dispatcher:
                        if s.current is None and not s.draining and not s.suspect and not s.attached),
                       key=lambda s: s.connected_at)
         for session in idle:
-            x = await self.db(self.store.claim_next, session.worker_id, session.gpus)
+            x = await self.db(self.store.claim_next, session.worker_id, session.gpus,
+                              accepts_code=session.accepts_code)
             if x is None:
                 continue
             # The lease first: from here on the worker's messages about x are its own. If
@@ -245,11 +249,16 @@ class Dispatcher:
             controls = await self.db(self.store.list_controls, x.id)
             steps, epochs = await self.db(self.store.delivered, x.id)
             store_id = await self.db(self.store.store_id)
+            # The newest stored checkpoint within what the store holds (a newer one has
+            # steps nobody received); the worker fetches it when its disk lacks it.
+            checkpoint = await self.db(self.store.latest_checkpoint, x.id, steps)
             lease.sent = True
             session.send(pb.ServerMessage(assignment=pb.Assignment(
                 experiment_id=x.id, attempt=x.attempt, name=x.name, spec=struct_from_dict(x.spec),
                 controls=[convert.control_to_pb(c) for c in controls if c.status not in (e.REJECTED, e.EXPIRED)],
-                store_id=store_id, delivered_steps=steps, delivered_epochs=epochs)))
+                store_id=store_id, delivered_steps=steps, delivered_epochs=epochs,
+                code_sha256=str((x.spec or {}).get("code_sha256") or "") if x.kind == e.CODE else "",
+                checkpoint=artifact_to_pb(checkpoint) if checkpoint is not None else None)))
             log.info("experiment %d attempt %d assigned to worker %s (resume bound: %d steps, %d epochs stored)",
                      x.id, x.attempt, session.worker_id, steps, epochs)
             self.live.experiment_changed(x)

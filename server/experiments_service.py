@@ -8,7 +8,8 @@ import uuid
 
 import grpc
 
-from trainctl.server import attach, control_rpc, convert, knobs, listing
+from trainctl.jobspec import is_job
+from trainctl.server import attach, code_submit, control_rpc, convert, knobs, listing, logs_rpc
 from trainctl.server.dispatcher import Dispatcher
 from trainctl.server.extra_rpcs import AnnotateAndWorkers
 from trainctl.server.live import Live
@@ -51,9 +52,12 @@ class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
             path, part = largest_field(request.spec)
             await bad_request(context, "Submit", f"invalid spec: {path}: {part:,} bytes, in a spec of {size:,} "
                                                  f"bytes serialized; the limit is {MAX_SPEC_BYTES:,} (1 MiB)")
+        raw = dict_from_struct(request.spec)
+        if request.code_sha256 or is_job(raw):  # the user's command on their uploaded code
+            return convert.experiment_to_pb(await code_submit.submit_job(self, raw, request.code_sha256, context))
         try:
             # Validation is CPU work (pydantic, the model-name list): keep it off the loop.
-            spec = await self.db(parse_spec, dict_from_struct(request.spec))
+            spec = await self.db(parse_spec, raw)
         except SpecError as exc:
             await bad_request(context, "Submit", f"invalid spec: {exc}")
         x = await self._create(spec.to_dict(), spec, replay_of=None)
@@ -85,6 +89,9 @@ class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
 
     async def Attach(self, request: pb.AttachRequest, context):
         return await attach.attach(self, request, context)  # server/attach.py
+
+    async def Logs(self, request: pb.LogsRequest, context):
+        await logs_rpc.logs(self, request, context)  # server/logs_rpc.py
 
     async def List(self, request: pb.ListRequest, context):
         """Newest first, one page: up to `limit` experiments and at most listing.PAGE_BYTES
@@ -254,6 +261,8 @@ class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
 
     async def Replay(self, request: pb.ReplayRequest, context):
         x = await self._get(request.id, context)
+        if x.kind == e.CODE:
+            return convert.experiment_to_pb(await code_submit.replay_job(self, x))
         try:
             spec = await self.db(parse_spec, x.spec, check_model=False)
         except SpecError as exc:  # stored before a rule it breaks existed

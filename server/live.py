@@ -28,6 +28,10 @@ class Live:
                  db_stall_s: float = DB_STALL_S):
         self.store = store
         self.hub = hub or Hub()
+        # `Logs -f` followers (server/logs_rpc.py): new lines as pb.LogBatch and the
+        # experiment's changes as pb.WatchEvent. Apart from `hub`, so Watch streams and
+        # the console never see log lines, nor followers metrics.
+        self.log_hub = Hub()
         self.stats = ServerStats()
         self.health = DbHealth(db_stall_s)
         self._executor = ThreadPoolExecutor(max_workers=db_threads, thread_name_prefix="store")
@@ -47,7 +51,9 @@ class Live:
         self.hub.publish(experiment_id, event)
 
     def experiment_changed(self, x: e.Experiment) -> None:
-        self.hub.publish(x.id, pb.WatchEvent(experiment=convert.experiment_to_pb(x)))
+        event = pb.WatchEvent(experiment=convert.experiment_to_pb(x))
+        self.hub.publish(x.id, event)
+        self.log_hub.publish(x.id, event)  # a follower ends at the final state
 
     async def run_changed(self, x: e.Experiment) -> None:
         """Publish a state change; when it is the run's end, also the commands that the

@@ -1,7 +1,7 @@
 """The Workers service: one bidirectional stream per worker process.
 
-Trust: a worker's token opens the stream, but a message about a run (metrics, state,
-ack, heartbeat, hand-back) is taken only from the session that holds that run's lease
+Trust: a worker's token opens the stream, but a message about a run (metrics, logs,
+state, ack, heartbeat, hand-back) is taken only from the session that holds that run's lease
 (`Dispatcher.holds`: same worker id, same attempt, the worker's registered stream).
 Anything else is refused with a typed stop, CancelRun(kind=STOP_FENCED): the stream
 stays open, because a worker legitimately fenced (lease lost while it was frozen) must
@@ -72,7 +72,7 @@ class WorkersService(pb_grpc.WorkersServicer):
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, refusal)
         session = WorkerSession(worker_id=hello.worker_id, hostname=hello.hostname,
                                 gpus=sum(1 for d in hello.devices if d.kind == "cuda"),
-                                attached=bool(hello.run_token))
+                                attached=bool(hello.run_token), accepts_code=hello.accepts_code)
         try:
             await self.db(self.store.upsert_worker, hello.worker_id, hello.hostname,
                           [{"kind": d.kind, "index": d.index, "name": d.name, "memory_bytes": d.memory_bytes}
@@ -127,6 +127,8 @@ class WorkersService(pb_grpc.WorkersServicer):
                     await self._on_ack(session, msg.ack)
                 elif kind == "knobs":
                     await self._on_knobs(session, msg.knobs)
+                elif kind == "logs":
+                    await self._on_logs(session, msg.logs)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -271,3 +273,23 @@ class WorkersService(pb_grpc.WorkersServicer):
         except ValueError as exc:  # a bad name or bounds: logged (rate-limited), nothing stored
             rate_limited(logging.WARNING, ("knobs", decl.experiment_id), "worker %s: knob declaration of "
                          "experiment %d refused: %s", session.worker_id, decl.experiment_id, str(exc)[:300])
+
+    async def _on_logs(self, session: WorkerSession, batch: pb.LogBatch) -> None:
+        """Lines of the run's output (fenced like metrics): each stored once (a resend
+        is ignored), acknowledged up to the batch's last index, the new ones published
+        to `logs -f` followers (server/logs_rpc.py)."""
+        if not batch.lines or not self._take(session, batch.experiment_id, batch.attempt, "logs"):
+            return
+        lines = [e.LogLine(batch.attempt, ln.index, ln.stream, ln.wall_time, ln.text) for ln in batch.lines]
+        try:
+            new = await self._write(session, self.store.add_logs, batch.experiment_id, batch.attempt, lines)
+        except (StaleAttempt, NotFound) as exc:
+            self._refuse(session, batch.experiment_id, batch.attempt, str(exc))
+            return
+        session.send(pb.ServerMessage(log_ack=pb.LogAck(experiment_id=batch.experiment_id, attempt=batch.attempt,
+                                                        index=max(ln.index for ln in batch.lines))))
+        if new:
+            self.live.log_hub.publish(batch.experiment_id, pb.LogBatch(
+                experiment_id=batch.experiment_id, attempt=batch.attempt,
+                lines=[pb.LogLine(attempt=ln.attempt, index=ln.index, stream=ln.stream, wall_time=ln.wall_time,
+                                  text=ln.text) for ln in new]))

@@ -138,3 +138,37 @@ def digits_spec(name: str = "t", *, epochs: int = 3, max_steps: int = 0, **overr
     for key, value in overrides.items():
         spec[key] = value
     return spec
+
+
+def wait_for(pred, timeout: float = 20.0, what: str = "condition", every: float = 0.05):
+    """`pred()`'s first truthy value, polled every `every` s; AssertionError naming `what`
+    after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def experiment_events(client, exp_id: int, timeout: float = 300) -> list:
+    """Every experiment event of a run (through Client.watch) until it ends: the states and
+    messages it went through, the final one last."""
+    out, deadline = [], time.monotonic() + timeout
+    for ev in client.watch(exp_id):
+        if ev.kind == "experiment":
+            out.append(ev.experiment)
+            if ev.experiment.is_final:
+                return out
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"experiment {exp_id} did not end: {out}")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _private_pack_memo(tmp_path_factory, monkeypatch):
+    """`submit --code` remembers packed trees in the user's cache; tests keep their own."""
+    from trainctl.client import code_sdk
+
+    monkeypatch.setattr(code_sdk._PackMemo, "PATH", tmp_path_factory.getbasetemp() / "packed.json")

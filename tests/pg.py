@@ -215,3 +215,11 @@ def pg_url(pg_server):
     name, url = pg_server.create_database()
     yield url
     pg_server.release_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """An empty database on either back end (the PostgreSQL case skips where it cannot run)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'trainctl.db'}"
+    return request.getfixturevalue("pg_url")

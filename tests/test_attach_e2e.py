@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Proc, free_port, wait_healthy
+from tests.conftest import Proc, free_port, wait_for, wait_healthy
 from trainctl.client import Client
 
 pytestmark = pytest.mark.slow
@@ -30,16 +30,6 @@ def _cli(address: str, *args: str, timeout: float = 60) -> subprocess.CompletedP
     env = {**os.environ, "TRAINCTL_SERVER": address}
     return subprocess.run([sys.executable, "-m", "trainctl.client.cli", *args], env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def _wait_for(pred, timeout: float, what: str, every: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(every)
-    raise TimeoutError(what)
 
 
 def _running_run(client: Client, name: str, min_step: int):
@@ -65,7 +55,7 @@ def test_plain_loop_steered_from_the_cli(cluster, tmp_path):
                    "--step-delay", "0.03")
     try:
         client = cluster.client()
-        run = _wait_for(_running_run(client, "steer-me", 10), 120, "the run never showed up")
+        run = wait_for(_running_run(client, "steer-me", 10), 120, "the run never showed up")
         assert run.kind == "ATTACHED" and run.state in ("ASSIGNED", "RUNNING")
         r = _cli(cluster.address, "set-lr", str(run.id), "0.02")
         assert r.returncode == 0 and "applied at step" in r.stdout, r.stdout + r.stderr
@@ -132,7 +122,7 @@ def test_server_killed_mid_run_the_loop_keeps_going_nothing_lost(cluster, tmp_pa
                    "--step-delay", "0.01")
     try:
         client = cluster.client()
-        run = _wait_for(_running_run(client, "outage", 50), 120, "the run never showed up")
+        run = wait_for(_running_run(client, "outage", 50), 120, "the run never showed up")
         cluster.server.stop(signal.SIGKILL)
         killed_at = time.time()
         time.sleep(4)
@@ -160,7 +150,7 @@ def test_replay_reapplies_the_commands_at_the_same_steps_bit_for_bit(cluster, tm
     proc = _script("noisy_sgd.py", cluster.address, log, "--name", "orig", "--steps", "500", "--step-delay", "0.01")
     try:
         client = cluster.client()
-        run = _wait_for(_running_run(client, "orig", 30), 120, "the run never showed up")
+        run = wait_for(_running_run(client, "orig", 30), 120, "the run never showed up")
         r = _cli(cluster.address, "set", str(run.id), "lr_scale", "0.3")
         assert r.returncode == 0, r.stdout + r.stderr
         _finish(proc, log)
@@ -215,7 +205,7 @@ def test_exception_fails_the_run_with_its_one_line_reason_and_cancel_reaches_the
     log = tmp_path / "c.log"
     p = _inline(_CANCELLABLE, cluster.address, log)
     try:
-        run = _wait_for(_running_run(client, "stop-me", 5), 120, "the run never showed up")
+        run = wait_for(_running_run(client, "stop-me", 5), 120, "the run never showed up")
         r = _cli(cluster.address, "cancel", str(run.id))
         assert r.returncode == 0, r.stdout + r.stderr
         assert p.wait(60) == 0, log.read_text()

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, digits_spec
+from tests.conftest import Cluster, digits_spec, experiment_events
 
 pytestmark = pytest.mark.slow
 
@@ -185,19 +185,6 @@ def _row(db_path, exp_id: int) -> tuple:
         return db.execute("SELECT state, attempt, restarts FROM experiments WHERE id=?", (exp_id,)).fetchone()
 
 
-def _experiment_events(c, exp_id: int, timeout: float = 300) -> list:
-    """Every experiment event of a run until it ends (the states and messages it went through)."""
-    out, deadline = [], time.monotonic() + timeout
-    for ev in c.watch(exp_id):
-        if ev.kind == "experiment":
-            out.append(ev.experiment)
-            if ev.experiment.is_final:
-                return out
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"experiment {exp_id} did not end: {out}")
-    return out
-
-
 def _ckpt_dir(cluster, exp_id: int, workdir=None):
     with sqlite3.connect(cluster.db_path) as db:
         store_id = db.execute("SELECT value FROM meta WHERE key='store_id'").fetchone()[0]
@@ -360,7 +347,7 @@ def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, i
     for name in names[1:]:                                  # torn: a disk that lied, a bad copy
         (d / name).write_bytes((d / name).read_bytes()[:1000])
     w1 = fast_cluster.add_worker("w1")
-    events = _experiment_events(c, x.id)
+    events = experiment_events(c, x.id)
     assert events[-1].state == "COMPLETED", fast_cluster.logs()
     _assert_complete_history(fast_cluster.db_path, x.id, steps=24, epochs=6)
     assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 2, 1)

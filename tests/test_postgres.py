@@ -20,15 +20,7 @@ from sqlalchemy import create_engine, inspect, text
 from tests.conftest import Cluster, Proc, digits_spec, wait_healthy
 from trainctl.server.store import SchemaTooNew, SqlAlchemyStore, open_store
 
-pytest_plugins = ["tests.pg"]  # pg_server / pg_url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request, tmp_path):
-    """An empty database on either back end."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'trainctl.db'}"
-    return request.getfixturevalue("pg_url")
+pytest_plugins = ["tests.pg"]  # pg_server / pg_url / db_url
 
 
 def _tables(url: str) -> set[str]:

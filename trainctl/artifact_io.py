@@ -4,7 +4,8 @@
 Files are streamed in 1 MiB chunks (never read whole into memory), hashed as they go,
 and a download lands in a temporary file beside its destination that is renamed into
 place only once its sha256 matched, so a broken transfer never leaves a file that
-looks complete.
+looks complete. (No fsync: whoever reads a downloaded file checks its sha256 or its
+lineage first, and fetches it again when a crash left it short.)
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ from trainctl.v1 import trainctl_pb2 as pb
 
 CHUNK = 1 << 20
 Progress = Optional[Callable[[int, int], None]]   # (bytes done, bytes total)
+# A worker-token upload names the worker's Connect session here (its Hello.worker_id),
+# so the server can check that the session holds the run's lease.
+WORKER_ID_METADATA = "trainctl-worker-id"
 
 
 class IntegrityError(ValueError):
@@ -51,10 +55,12 @@ def upload_chunks(path: str | os.PathLike, header: pb.UploadHeader, progress: Pr
 def upload(stub, path: str | os.PathLike, artifact: pb.Artifact, *, metadata=None, run_token: str = "",
            timeout: Optional[float] = None, progress: Progress = None) -> pb.Artifact:
     """Upload a file as `artifact` (kind, experiment_id, attempt, name, step filled by the
-    caller; sha256 and size are computed here). Returns the stored record."""
+    caller; sha256 and size computed here unless the caller already knows both, e.g. a
+    code archive hashed while it was packed). Returns the stored record."""
     art = pb.Artifact()
     art.CopyFrom(artifact)
-    art.sha256, art.size = sha256_file(path)
+    if not (art.sha256 and art.size):
+        art.sha256, art.size = sha256_file(path)
     header = pb.UploadHeader(artifact=art, run_token=run_token)
     return stub.Upload(upload_chunks(path, header, progress), metadata=metadata, timeout=timeout)
 
@@ -79,8 +85,6 @@ def download(stub, ref: pb.ArtifactRef, dest: str | os.PathLike, *, metadata=Non
                 done += len(chunk.data)
                 if progress and record is not None:
                     progress(done, record.size)
-            f.flush()
-            os.fsync(f.fileno())
         if record is None:
             raise IntegrityError("the server sent no artifact record")
         if done != record.size or h.hexdigest() != record.sha256:

@@ -38,12 +38,17 @@ from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.controls import verb_of
 from trainctl.wire import dict_from_struct
 from trainctl.workers.dataroots import check_spec, resolve_roots
+from trainctl.workers.checkpoint_sync import CheckpointSync
 from trainctl.workers.engine.checkpoint import checkpoint_dir, drop_stale_temps, forget_attempt, prune
+from trainctl.workers.logship import LogShipper
 from trainctl.workers.run_process import failure_reason
 from trainctl.workers.runner import ForwardingInbox, run_in_process, warm_up
 from trainctl.outbox import Outbox
 
 log = logging.getLogger(__name__)
+# How long a run's end waits for its checkpoint uploads (the lease allows them until the
+# final state is sent): completed, and handed back (a SIGTERM'd worker must exit soon).
+UPLOAD_DRAIN_S, HANDBACK_DRAIN_S = 30.0, 5.0
 
 
 class _Run:
@@ -59,18 +64,23 @@ class _Run:
 
 class Agent:
     def __init__(self, server: str, *, worker_id: Optional[str] = None, workdir: str = "runs",
-                 max_runs: int = 0, token: Optional[str] = None, data_roots: Optional[list[str]] = None):
+                 max_runs: int = 0, token: Optional[str] = None, data_roots: Optional[list[str]] = None,
+                 accepts_code: bool = True):
         self.server = server
         self.token = token
         self.worker_id = worker_id or f"{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
         self.workdir = Path(workdir)
         self.max_runs = max_runs
         self.data_roots = resolve_roots(data_roots)
+        self.accepts_code = accepts_code  # runs submitted commands (CODE experiments); --no-code: spec runs only
         self.outbox = Outbox(spill_path=self.workdir / f"spill-{self.worker_id}.bin")
+        self.logs = LogShipper(self.outbox)  # runs' output lines (workers/logship.py)
+        self.checkpoints = CheckpointSync(server, token, worker_id=self.worker_id)  # spec runs' checkpoints
         self.assignments: "queue.Queue[pb.Assignment]" = queue.Queue()
         self.stopping = threading.Event()
         self.heartbeat_interval = 2.0
         self.current: Optional[_Run] = None
+        self.endpoint = None  # a code run's LocalEndpoint (workers/local_endpoint.py) while it runs
         self._lock = threading.Lock()
         # Asked of a fork of the forkserver (which imports torch once for every run):
         # the agent itself never imports torch. Filled by `_warm_up` while the stream opens.
@@ -96,7 +106,7 @@ class Agent:
             if self.stopping.is_set():
                 break
         hello = pb.Hello(worker_id=self.worker_id, hostname=socket.gethostname(), devices=self._devices,
-                         version="0.1.0")
+                         version="0.1.0", accepts_code=self.accepts_code)
         run = self.current
         if run is not None:
             hello.current.CopyFrom(pb.Heartbeat(experiment_id=run.experiment_id, attempt=run.attempt, step=run.step))
@@ -120,8 +130,9 @@ class Agent:
             channel = open_channel(self.server, (("grpc.keepalive_time_ms", 10_000),))
             try:
                 stub = pb_grpc.WorkersStub(channel)
-                responses = stub.Connect(self.outbox.stream(self._hello, self._heartbeat,
-                                                            self.heartbeat_interval, stream_stop),
+                # logs.stream: unacknowledged log lines go again right after the hello.
+                responses = stub.Connect(self.logs.stream(self.outbox.stream(self._hello, self._heartbeat,
+                                                                             self.heartbeat_interval, stream_stop)),
                                          metadata=auth_metadata(self.token))
                 for msg in responses:
                     backoff = 0.2
@@ -158,12 +169,18 @@ class Agent:
         elif kind == "batch_ack":
             a = msg.batch_ack
             self.outbox.acked(a.experiment_id, a.attempt, a.seq)
+        elif kind == "log_ack":
+            self.logs.acked(msg.log_ack.experiment_id, msg.log_ack.attempt, msg.log_ack.index)
         elif kind in ("control", "cancel"):
             body = getattr(msg, kind)
             run = self.current
             fenced = kind == "cancel" and body.kind == pb.STOP_FENCED
             if fenced:  # first, so nothing more of it leaves, whichever run it is
                 self.outbox.forget(body.experiment_id, body.attempt)
+                self.logs.forget(body.experiment_id, body.attempt)
+            endpoint = self.endpoint  # a code run: its SDK applies commands and sees cancels
+            if endpoint is not None and endpoint.relay(kind, body) and kind == "control":
+                return
             if run is None or (run.experiment_id, run.attempt) != (body.experiment_id, body.attempt):
                 return
             if kind == "control":
@@ -212,6 +229,7 @@ class Agent:
         time.sleep(0.3)
 
     def _state(self, run: _Run, state: int, message: str = "", summary: Optional[dict] = None) -> None:
+        self.logs.flush(run.experiment_id, run.attempt)  # its last lines before its state
         self.outbox.send(pb.WorkerMessage(state=pb.StateUpdate(
             experiment_id=run.experiment_id, attempt=run.attempt, state=state, message=message,
             summary=summary or {})), sticky=True)
@@ -219,6 +237,10 @@ class Agent:
     def _train(self, a: pb.Assignment) -> None:
         from trainctl.spec import SpecError, parse_spec
         from trainctl.workers.engine.context import Ack, Cancelled, Lineage, TrainingContext, TrainingError
+        from trainctl.workers.code_run import is_code, run_code
+
+        if is_code(a):  # a submitted command, not the built-in trainer (workers/code_run.py)
+            return run_code(self, a)
 
         def send_ack(ack: Ack) -> None:
             self.outbox.send(pb.WorkerMessage(ack=pb.ControlAck(
@@ -246,10 +268,14 @@ class Agent:
             log.info("%s: %s", ids, text)
             run.notes.append(text)
 
+        self.checkpoints.fetch(a, ckdir, note)  # the store's newest checkpoint, when this box lacks it
         lineage = Lineage(store_id=a.store_id, experiment_id=a.experiment_id, attempt=a.attempt,
                           delivered_steps=a.delivered_steps, delivered_epochs=a.delivered_epochs)
         ctx = TrainingContext(inbox=inbox, checkpoint_dir=str(ckdir), lineage=lineage, on_progress=progress,
-                              on_note=note)
+                              on_note=note, on_checkpoint=lambda path, step: self.checkpoints.upload(
+                                  a.experiment_id, a.attempt, path, step))
+        # The run process's logging (trainctl.* loggers, INFO+) ships as LOGGING lines (workers/pipe.py).
+        ctx.on_log = lambda text: self.logs.add(a.experiment_id, a.attempt, pb.LOGGING, text)
 
         def on_rows(rows: list[tuple]) -> None:  # batches from the run process (or DDP rank 0)
             self.outbox.add_rows(a.experiment_id, a.attempt, rows)
@@ -265,6 +291,7 @@ class Agent:
                 summary = run_in_process(spec, ctx, on_rows)
             if run.fenced:
                 raise Cancelled(inbox.cancel_reason)
+            self.checkpoints.drain(UPLOAD_DRAIN_S)  # while the lease still lets them in
             self._state(run, pb.COMPLETED, summary=summary.as_dict())
             drop_stale_temps(ckdir)
             prune(ckdir, spec.train.keep_checkpoints)  # train.keep_checkpoints: 0 = none kept
@@ -274,6 +301,7 @@ class Agent:
                 gone = forget_attempt(ckdir, a.attempt)
                 log.warning("%s fenced: stopped, unsent metrics dropped, %d checkpoint(s) removed", ids, len(gone))
             elif self.stopping.is_set():  # SIGTERM: hand the run back, it resumes elsewhere
+                self.checkpoints.drain(HANDBACK_DRAIN_S)
                 self._state(run, pb.QUEUED, message=f"worker {self.worker_id} stopped; handed back")
                 log.info("%s handed back: worker stopping", ids)
             else:
@@ -286,6 +314,7 @@ class Agent:
             log.error("%s crashed:\n%s", ids, traceback.format_exc())
             self._state(run, pb.FAILED, message=failure_reason(exc))
         finally:
+            self.checkpoints.forget(a.experiment_id, a.attempt)  # ended: the server would refuse the rest
             self.current = None
 
     def stop(self) -> None:

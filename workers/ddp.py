@@ -46,7 +46,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from trainctl.workers.pipe import Acked, Cancel, Control, Done, Note, Progress, relay
+from trainctl.workers.pipe import Acked, Cancel, Checkpointed, Control, Done, Note, Progress, relay
 from trainctl.workers.run_process import BatchingSink, tune_malloc
 from trainctl.workers.runner import forkserver
 
@@ -224,7 +224,8 @@ def _rank_main(spec_dict: dict, checkpoint_dir: Optional[str], commands: list, u
             threading.Thread(target=_receive, args=(down, inbox), name="ddp-inbox", daemon=True).start()
             ctx = TrainingContext(sink=BatchingSink(up.put), inbox=inbox, checkpoint_dir=checkpoint_dir,
                                   lineage=lineage, on_progress=lambda step: up.put(Progress(step)),
-                                  on_note=lambda text: up.put(Note(text)))
+                                  on_note=lambda text: up.put(Note(text)),
+                                  on_checkpoint=lambda path, step: up.put(Checkpointed(path, step)))
         try:
             summary = Trainer(spec, ctx, dist=rank).run()
         except Cancelled as exc:

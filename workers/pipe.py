@@ -1,7 +1,7 @@
 """The messages on the pipe between the worker agent and a run process, one type each.
 
 One pickled instance per message. The run process (workers/run_process.py) sends the
-first five, the agent (workers/runner.py) the last three; each side dispatches on the
+first seven, the agent (workers/runner.py) the last three; each side dispatches on the
 type, so a message the other side does not know is a TypeError, not a silently ignored
 tuple. Plain frozen dataclasses: pickled by class name, as cheap as a tuple for the
 ~50 messages a second a run sends at most (rows are batched, see BatchingSink).
@@ -49,6 +49,20 @@ class Note:
 
 
 @dataclass(frozen=True)
+class Checkpointed:
+    """A checkpoint file is complete on disk (the agent uploads it to the artifact store)."""
+    path: str
+    step: int
+
+
+@dataclass(frozen=True)
+class LogText:
+    """A formatted record of the run's Python logging (trainctl.* loggers, INFO and up):
+    the agent ships it as a LOGGING line of the run's output (workers/logship.py)."""
+    text: str
+
+
+@dataclass(frozen=True)
 class Done:
     """The run's end: payload is Summary.as_dict() when completed, else the reason."""
     outcome: Literal["completed", "cancelled", "failed"]
@@ -72,7 +86,7 @@ class Ping:
     """A heartbeat: the agent is alive (see AGENT_SILENCE_S)."""
 
 
-FromRun = Union[Rows, Acked, Progress, Note, Done]
+FromRun = Union[Rows, Acked, Progress, Note, Checkpointed, LogText, Done]
 ToRun = Union[Control, Cancel, Ping]
 
 
@@ -88,6 +102,12 @@ def relay(msg, ctx, on_rows) -> bool:
         ctx.on_progress(msg.step)
     elif isinstance(msg, Note):
         ctx.on_note(msg.text)
+    elif isinstance(msg, Checkpointed):
+        ctx.on_checkpoint(msg.path, msg.step)
+    elif isinstance(msg, LogText):
+        on_log = getattr(ctx, "on_log", None)  # set by the agent (DDP's bridge does not ship logs)
+        if on_log is not None:
+            on_log(msg.text)
     else:
         return False
     return True

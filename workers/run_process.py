@@ -7,14 +7,16 @@ poll at each step boundary. Every message is one of the types in workers/pipe.py
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
 import traceback
 from typing import Callable, Optional
 
 from trainctl.workers.engine.context import STEP, Command, ControlInbox, TrainingContext
-from trainctl.workers.pipe import (AGENT_SILENCE_S, LINGER_S, Acked, Cancel, Control, Done,
-                                   FromRun, Note, Progress, Row, Rows)
+from trainctl.workers.pipe import (AGENT_SILENCE_S, LINGER_S, Acked, Cancel, Checkpointed, Control, Done,
+                                   FromRun, LogText, Note, Progress, Row, Rows)
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class BatchingSink:
 
     def log(self, scope: str, step: int, epoch: int, values: dict[str, float]) -> None:
         self.rows.append((scope, step, epoch, time.time(), values))
+        if scope != STEP:  # an epoch's results: a line of the run's logging (`trainctl logs`)
+            log.info("epoch %d (step %d): %s", epoch + 1, step,
+                     "  ".join(f"{k}={v:.6g}" for k, v in sorted(values.items())))
         if scope != STEP or time.monotonic() - self.sent_at >= LINGER_S:
             self.flush()
 
@@ -105,11 +110,41 @@ class PipeInbox(ControlInbox):
         return self.gone
 
 
+_send_lock = threading.Lock()  # the training thread and a logging thread may both send
+
+
 def _send(conn, msg: FromRun) -> None:
     try:
-        conn.send(msg)
+        with _send_lock:
+            conn.send(msg)
     except OSError:
         pass  # the agent is gone; the inbox notices and cancels at the next step
+
+
+class PipeLogHandler(logging.Handler):
+    """The run's Python logging (the `trainctl` loggers, INFO and up) down the pipe, one
+    LogText per line: the agent ships them as the run's LOGGING output (`trainctl logs`).
+    Only from this process: a forked data-loader worker inherits the handler, and two
+    writers would corrupt the pipe."""
+
+    MAX_LINES = 200  # of one record (a traceback); the rest is summed up in one line
+
+    def __init__(self, conn):
+        super().__init__(logging.INFO)
+        self.conn, self.pid = conn, os.getpid()
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if os.getpid() != self.pid:
+            return
+        try:
+            lines = self.format(record).splitlines() or [""]
+        except Exception:  # a bad format argument: logging's own rule is never to raise
+            return
+        if len(lines) > self.MAX_LINES:
+            lines = lines[:self.MAX_LINES] + [f"... {len(lines) - self.MAX_LINES} more lines of this record"]
+        for line in lines:
+            _send(self.conn, LogText(line))
 
 
 def tune_malloc() -> None:
@@ -144,13 +179,17 @@ def run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Opt
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pipe_log = PipeLogHandler(conn)
+    logging.getLogger("trainctl").addHandler(pipe_log)
     inbox = PipeInbox(conn, on_ack=lambda ack: _send(conn, Acked(ack)))
     for cmd in commands:  # scheduled ones keep their at_step, live ones apply at once
         inbox.put(cmd)
     sink = BatchingSink(lambda msg: _send(conn, msg))
     ctx = TrainingContext(sink=sink, inbox=inbox, checkpoint_dir=checkpoint_dir, lineage=lineage,
                           on_progress=lambda step: _send(conn, Progress(step)),
-                          on_note=lambda text: _send(conn, Note(text)))
+                          on_note=lambda text: _send(conn, Note(text)),
+                          on_checkpoint=lambda path, step: _send(conn, Checkpointed(path, step)))
+    log.info("training %r: model %s", spec_dict.get("name"), (spec_dict.get("model") or {}).get("name"))
     try:
         summary = Trainer(parse_spec(spec_dict, check_model=False), ctx).run()
         outcome = Done("completed", summary.as_dict())
@@ -161,7 +200,9 @@ def run_main(conn, spec_dict: dict, commands: list[Command], checkpoint_dir: Opt
     except Exception as exc:  # a bug or a runtime error (OOM, ...): still a clean FAILED
         log.error("run crashed:\n%s", traceback.format_exc())
         outcome = Done("failed", failure_reason(exc))
+    log.info("run %s%s", outcome.outcome, "" if outcome.outcome == "completed" else f": {outcome.payload}")
     sink.flush()
+    logging.getLogger("trainctl").removeHandler(pipe_log)
     _send(conn, outcome)
     conn.close()
 

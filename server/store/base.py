@@ -31,8 +31,10 @@ class AbstractStore(ABC):
         max_restarts: int = 3,
         gpus: int = 0,
         replay_of: int | None = None,
+        kind: str = "SPEC",
+        tags: Sequence[str] = (),
     ) -> Experiment:
-        """Store a new experiment in state QUEUED with attempt 0."""
+        """Store a new experiment in state QUEUED with attempt 0 (kind SPEC or CODE)."""
 
     @abstractmethod
     def get_experiment(self, id: int) -> Experiment:
@@ -53,8 +55,9 @@ class AbstractStore(ABC):
         bad tag, too many tags or too long a note (see `tags.py`)."""
 
     @abstractmethod
-    def claim_next(self, worker_id: str, free_gpus: int) -> Experiment | None:
-        """Atomically assign the oldest QUEUED experiment needing <= `free_gpus` GPUs.
+    def claim_next(self, worker_id: str, free_gpus: int, *, accepts_code: bool = True) -> Experiment | None:
+        """Atomically assign the oldest QUEUED experiment needing <= `free_gpus` GPUs
+        (and, unless `accepts_code`, not a CODE one: `trainctl worker --no-code`).
 
         It becomes ASSIGNED to `worker_id` with attempt + 1. Returns None when nothing
         fits. Concurrent callers never get the same experiment.

@@ -46,9 +46,17 @@ def is_sqlite_memory(url: URL) -> bool:
     return url.get_backend_name() == "sqlite" and url.database in (None, "", ":memory:")
 
 
+PG_CONNECT_ARGS = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10,
+                   "keepalives_count": 3, "tcp_user_timeout": 30_000}
+
+
 def make_engine(url: URL) -> Engine:
     if url.get_backend_name() == "postgresql":
-        return create_engine(url, pool_pre_ping=True)
+        # A database host that stops answering must become StoreUnavailable (UNAVAILABLE to
+        # clients, lease clock paused) in seconds, not after the kernel's TCP timeouts
+        # (minutes). Settings in the URL's query (?connect_timeout=30) win over these.
+        extra = {k: v for k, v in PG_CONNECT_ARGS.items() if k not in url.query}
+        return create_engine(url, pool_pre_ping=True, connect_args=extra)
     kw: dict = {"connect_args": {"check_same_thread": False}}  # pooled, used from any thread
     if is_sqlite_memory(url):
         # Every connection to ":memory:" would be a different, empty database.

@@ -145,6 +145,21 @@ class Knob:
 
 
 @dataclass(frozen=True)
+class Artifact:
+    """A named artifact record; its bytes are the blob `sha256` in the artifact store.
+    `kind` is a proto ArtifactKind name (ARTIFACT_CODE, ARTIFACT_CHECKPOINT, ARTIFACT_FILE)."""
+
+    experiment_id: int
+    name: str
+    kind: str
+    sha256: str
+    size: int
+    attempt: int = 0
+    step: int = 0
+    created_at: float = 0.0
+
+
+@dataclass(frozen=True)
 class MetricSeries:
     """One metric over steps (column format, what GetMetrics and plots want)."""
 
@@ -173,3 +188,14 @@ class Worker:
     devices: list[dict]
     connected: bool
     last_seen: float
+
+
+@dataclass(frozen=True)
+class LogLine:
+    """One stored line of a run's output; `stream` is a proto LogStream value."""
+
+    attempt: int
+    index: int
+    stream: int
+    wall_time: float
+    text: str

@@ -28,27 +28,25 @@ import threading
 import time
 from collections.abc import Iterator
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from . import dialects
 from . import entities as E
 from .base import AbstractStore
+from .artifacts import ArtifactsMixin
 from .controls import ControlsMixin, expire_pending
 from .knobs import KnobsMixin
+from .logs import LogsMixin
+from .metrics import MetricsMixin
 from .convert import experiment as _experiment
 from .convert import worker as _worker
-from .entities import Experiment, MetricRow, MetricSeries, Worker
+from .entities import Experiment, Worker
 from .errors import InvalidTransition, NotFound, StaleAttempt, StoreUnavailable
-from .lineage import delivered as _delivered
 from .migrate import upgrade_to_head
-from .series import Rollup
-from .tables import ExperimentModel, ExperimentTagModel, MetaModel, WorkerModel, metrics
+from .tables import ExperimentModel, ExperimentTagModel, MetaModel, WorkerModel
 from .tags import MAX_TAGS, check_note, check_tags
-
-# Parameter order of the metrics upsert (the table's column order).
-_METRIC_COLUMNS = ("experiment_id", "scope", "step", "epoch", "name", "value", "wall_time", "attempt")
 
 # Legal worker-driven moves; requeue and cancel have their own rules.
 _TRANSITIONS = {
@@ -57,7 +55,7 @@ _TRANSITIONS = {
 }
 
 
-class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
+class SqlAlchemyStore(ControlsMixin, KnobsMixin, ArtifactsMixin, LogsMixin, MetricsMixin, AbstractStore):
     def __init__(self, url: str):
         parsed = dialects.normalize_url(url)  # postgresql:// means psycopg 3
         self.url = parsed.render_as_string(hide_password=False)
@@ -74,17 +72,7 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
         else:
             self._write_lock = self._read_lock = contextlib.nullcontext()
 
-        # The metrics upsert is a Core statement compiled once; add_metrics hands its SQL
-        # and plain tuples straight to the driver's executemany. Letting SQLAlchemy bind
-        # each row's parameters instead costs more than SQLite's own work: ~105k vs
-        # ~250k points/s on a 2-core box.
-        compiled = dialects.metrics_upsert(self._dialect).compile(dialect=self._engine.dialect)
-        self._upsert_sql = str(compiled)
-        self._upsert_positional = compiled.positional  # sqlite: qmark; psycopg: named
-        if compiled.positional and list(compiled.positiontup) != list(_METRIC_COLUMNS):
-            raise RuntimeError(f"metrics upsert binds {compiled.positiontup}, expected {_METRIC_COLUMNS}")
-        # The min/max rollup behind downsampled reads, kept exact by add_metrics (series.py).
-        self._rollup = Rollup(self._dialect, self._engine.dialect)
+        self._init_metrics()  # the compiled metrics upsert and the rollup (metrics.py)
         # Driver errors that mean "the database cannot be reached or written now" (locked,
         # disk full, connection lost); raw-cursor reads (series.py) raise them unwrapped.
         dbapi = self._engine.dialect.dbapi
@@ -150,7 +138,11 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
 
     # ---------------------------------------------------------------- experiments
 
-    def create_experiment(self, name, spec, *, max_restarts=3, gpus=0, replay_of=None) -> Experiment:
+    def create_experiment(self, name, spec, *, max_restarts=3, gpus=0, replay_of=None, kind=E.SPEC,
+                          tags=()) -> Experiment:
+        tags = check_tags("tags", tags)
+        if kind not in (E.SPEC, E.CODE):  # attached runs are made by create_attached
+            raise ValueError(f"kind: SPEC or CODE, got {kind!r}")
         with self._session(write=True) as s:
             if replay_of is not None:
                 self._experiment_row(s, replay_of)
@@ -167,9 +159,13 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
                 restarts=0,
                 gpus=gpus,
                 replay_of=replay_of,
+                kind=kind,
             )
             s.add(row)
             s.flush()  # assigns the id
+            if tags:
+                row.tag_rows = [ExperimentTagModel(experiment_id=row.id, tag=t) for t in sorted(set(tags))]
+                s.flush()
             return _experiment(row)
 
     def get_experiment(self, id) -> Experiment:
@@ -186,11 +182,13 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
         with self._session() as s:
             return [_experiment(row) for row in s.scalars(stmt)]
 
-    def claim_next(self, worker_id, free_gpus) -> Experiment | None:
+    def claim_next(self, worker_id, free_gpus, *, accepts_code=True) -> Experiment | None:
+        # An attached loop runs where it is; code only on workers that run code.
+        refused = [E.ATTACHED] if accepts_code else [E.ATTACHED, E.CODE]
         stmt = (
             select(ExperimentModel)
             .where(ExperimentModel.state == E.QUEUED, ExperimentModel.gpus <= free_gpus,
-                   ExperimentModel.kind != E.ATTACHED)  # an attached loop runs where it is
+                   ExperimentModel.kind.not_in(refused))
             .order_by(ExperimentModel.id)
             .limit(1)
             # PostgreSQL: concurrent claimers skip each other's candidate instead of
@@ -287,121 +285,6 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
             row.tag_rows.sort(key=lambda t: t.tag)
             return _experiment(row)
 
-    # ---------------------------------------------------------------- metrics
-
-    def add_metrics(self, experiment_id, attempt, scope, names, rows) -> int:
-        if scope not in E.SCOPES:
-            raise ValueError(f"scope must be one of {E.SCOPES}, got {scope!r}")
-        names = list(names)
-        # Built before taking the write lock: this loop is most of the call's CPU time.
-        params = []
-        max_step = None
-        for step, epoch, wall_time, values in rows:
-            if len(values) != len(names):
-                raise ValueError(f"step {step}: {len(values)} values for {len(names)} names")
-            stored = False
-            for name, value in zip(names, values):
-                if value != value:  # NaN marks "not logged at this step"
-                    continue
-                # In _METRIC_COLUMNS order.
-                params.append((experiment_id, scope, step, epoch, name, value, wall_time, attempt))
-                stored = True
-            if stored and (max_step is None or step > max_step):
-                max_step = step
-
-        with self._session(write=True) as s:
-            current = s.execute(
-                select(ExperimentModel.attempt, ExperimentModel.worker_id)
-                .where(ExperimentModel.id == experiment_id)
-                # PostgreSQL: a requeue cannot fence this attempt between check and write.
-                .with_for_update()
-            ).first()
-            if current is None:
-                raise NotFound("experiment", experiment_id)
-            self._check_live(experiment_id, attempt, *current)
-            if not params:
-                return 0
-            conn = s.connection()
-            rows = params if self._upsert_positional else [dict(zip(_METRIC_COLUMNS, p)) for p in params]
-            conn.exec_driver_sql(self._upsert_sql, rows)  # executemany
-            self._rollup.update(conn, experiment_id, scope, params)  # same transaction
-            conn.execute(
-                update(ExperimentModel.__table__)
-                .where(ExperimentModel.id == experiment_id, ExperimentModel.last_step < max_step)
-                .values(last_step=max_step)
-            )
-        return len(params)
-
-    def get_metrics(self, id, *, scope=None, names=None, from_step=0, to_step=None) -> list[MetricSeries]:
-        with self._session() as s:
-            self._experiment_row(s, id)
-            return self._rollup.series(s.connection(), id, scope, names, from_step, to_step)
-
-    def get_metrics_downsampled(self, id, max_points, *, scope=None, names=None, from_step=0, to_step=None):
-        if max_points <= 0:
-            return super().get_metrics_downsampled(id, max_points, scope=scope, names=names, from_step=from_step,
-                                                   to_step=to_step)
-        with self._session() as s:
-            self._experiment_row(s, id)
-            return self._rollup.downsampled(s.connection(), id, scope, names, from_step, to_step, max_points)
-
-    def wall_times(self, id, steps) -> dict[int, float]:
-        m = metrics.c
-        steps = sorted({int(st) for st in steps})[:5000]
-        if not steps:
-            return {}
-        # One probe of the (experiment_id, step) index per step: a few ms for 1,000 steps
-        # of a 1,000,000-point run, where scanning a series would read it all.
-        stmt = (select(m.step, func.min(m.wall_time)).where(m.experiment_id == id, m.scope == E.STEP,
-                                                            m.step.in_(steps)).group_by(m.step))
-        with self._session() as s:
-            return {step: wall for step, wall in s.connection().execute(stmt)}
-
-    def count_metrics(self, id) -> int:
-        with self._session() as s:
-            self._experiment_row(s, id)
-            return s.execute(select(func.count()).select_from(metrics).where(metrics.c.experiment_id == id)).scalar_one()
-
-    def metric_rows(self, id, *, scope=None, from_step=0, to_step=None) -> list[MetricRow]:
-        m = metrics.c
-        stmt = (
-            select(m.scope, m.step, m.epoch, m.wall_time, m.name, m.value)
-            .where(*self._metric_filter(id, scope, from_step, to_step))
-            # Only by step, which the (experiment_id, step) index yields without a sort
-            # (ordering by scope too costs SQLite a temp B-tree, ~40% more at 1M points);
-            # the scopes of one step are put in order below.
-            .order_by(m.step)
-        )
-        out: list[MetricRow] = []
-        at_step: dict[str, MetricRow] = {}  # the rows of the step being read, by scope
-        current = None
-        with self._session() as s:
-            self._experiment_row(s, id)
-            for sc, step, epoch, wall_time, name, value in s.connection().execute(stmt):
-                if step != current:
-                    out.extend(_step_before_epoch(at_step))
-                    at_step = {}
-                    current = step
-                row = at_step.get(sc)
-                if row is None:
-                    row = at_step[sc] = MetricRow(scope=sc, step=step, epoch=epoch, wall_time=wall_time, values={})
-                row.values[name] = value
-        out.extend(_step_before_epoch(at_step))
-        return out
-
-    @staticmethod
-    def _metric_filter(id, scope, from_step, to_step) -> list:
-        m = metrics.c
-        where = [m.experiment_id == id]
-        if scope:
-            where.append(m.scope == scope)
-        if from_step:
-            # Only when it filters something (0 means from the start).
-            where.append(m.step >= from_step)
-        if to_step is not None:
-            where.append(m.step <= to_step)  # inclusive
-        return where
-
     # ---------------------------------------------------------------- lineage and counts
 
     def store_id(self) -> str:
@@ -412,16 +295,6 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, AbstractStore):
                     raise NotFound("meta key", "store_id")
                 self._store_id = row.value
         return self._store_id
-
-    def delivered(self, experiment_id) -> tuple[int, int]:
-        ph = "?" if self._dialect == "sqlite" else "%s"
-        with self._session() as s:
-            self._experiment_row(s, experiment_id)
-            cur = s.connection().connection.cursor()  # driver cursor: no per-row objects
-            try:
-                return _delivered(cur, ph, experiment_id)
-            finally:
-                cur.close()
 
     def count_by_state(self) -> dict[str, int]:
         stmt = select(ExperimentModel.state, func.count()).group_by(ExperimentModel.state)
@@ -462,10 +335,3 @@ def _with_tags(stmt, tags):
         stmt = stmt.where(ExperimentModel.id.in_(
             select(ExperimentTagModel.experiment_id).where(ExperimentTagModel.tag == tag)))
     return stmt
-
-
-def _step_before_epoch(rows_by_scope: dict[str, MetricRow]) -> list[MetricRow]:
-    # The step row comes before the epoch row that ends at the same step: the order a
-    # live stream produces them in, so Watch history and live events look alike.
-    return [rows_by_scope[scope] for scope in E.SCOPES if scope in rows_by_scope]
-

@@ -129,6 +129,25 @@ class KnobModel(Base):
     high: Mapped[float | None] = mapped_column(Double)
 
 
+class ArtifactModel(Base):
+    """A named artifact of an experiment (migration 0006): its bytes are the blob
+    `sha256` in the artifact store (server/artifacts), which rows may share. Code
+    archives have experiment_id 0 and their sha256 as name, hence no foreign key."""
+
+    __tablename__ = "artifacts"
+
+    experiment_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    kind: Mapped[str] = mapped_column(String(32))  # proto ArtifactKind name (PostgreSQL enforces the length)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column(BigInteger)
+    step: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[float] = mapped_column(Double)
+
+    __table_args__ = (Index(None, "sha256"), Index(None, "experiment_id", "kind", "step"))
+
+
 class MetaModel(Base):
     """Facts about the database itself (migration 0003): `store_id`, a random id made
     once when the database is created, names this store in checkpoint lineage."""
@@ -195,3 +214,34 @@ metric_blocks = Table(
     Column("max_value", Double, nullable=False),
     PrimaryKeyConstraint("experiment_id", "name", "scope", "block"),
 )
+
+
+# Captured output of runs (migration 0007): a submitted command's stdout/stderr, a spec
+# run's Python logging. One row per line, keyed by (experiment, attempt, index) as the
+# worker numbered them, so a line resent after a reconnect is stored once. Written in
+# bulk and read in key order, hence a Core table like `metrics`.
+log_lines = Table(
+    "log_lines",
+    metadata,
+    Column("experiment_id", ForeignKey("experiments.id", ondelete="CASCADE"), nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("idx", BigInteger, nullable=False),
+    Column("stream", Integer, nullable=False),  # proto LogStream value
+    Column("wall_time", Double, nullable=False),
+    Column("text", Text, nullable=False),
+    PrimaryKeyConstraint("experiment_id", "attempt", "idx"),
+)
+
+
+class LogStateModel(Base):
+    """Per experiment (migration 0007): how many lines `log_lines` holds and how many of
+    the oldest were dropped to keep it bounded; (floor_attempt, floor_idx) is the newest
+    dropped line, so a late resend of a dropped line is not stored again."""
+
+    __tablename__ = "log_state"
+
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), primary_key=True)
+    stored: Mapped[int] = mapped_column(BigInteger, default=0)
+    dropped: Mapped[int] = mapped_column(BigInteger, default=0)
+    floor_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    floor_idx: Mapped[int] = mapped_column(BigInteger, default=0)

@@ -210,6 +210,48 @@ class Run:
         self._started = bool(state.get("started", self._step > 0))
         self.steering.load_state_dict(state)
 
+    # ------------------------------------------------------------------ files (files.py)
+    @property
+    def _files(self):
+        files = self.__dict__.get("_files_obj")
+        if files is None:
+            from trainctl.attach.files import Files
+            files = self.__dict__.setdefault("_files_obj", Files(self))
+        return files
+
+    @property
+    def resumed(self) -> bool:
+        """True in a restarted attempt of a submitted command (attempt > 1)."""
+        return int(getattr(self._session, "attempt", 0) or os.environ.get("TRAINCTL_ATTEMPT") or 1) > 1
+
+    @property
+    def checkpoint_dir(self):
+        """A directory for local checkpoints: the worker's for a submitted command (kept
+        across attempts on that box), else a temporary one."""
+        return self._files.checkpoint_dir
+
+    def save(self, path_or_obj, name: Optional[str] = None) -> str:
+        """Store a file (a path) or an object (torch.save) as this run's artifact `name`,
+        uploaded in the background; `finish()` waits for it. Returns the name."""
+        return self._files.save(path_or_obj, name)
+
+    def save_checkpoint(self, obj=None) -> str:
+        """Checkpoint `obj` with the run's own state (step, steering) into the artifact store,
+        so a restarted attempt resumes from it on any worker. Call it after a step's work."""
+        return self._files.save_checkpoint(obj)
+
+    def _seal_row(self) -> None:
+        """The current step's row goes out now (a checkpoint: the step's work is done), so
+        the server can hold every step the checkpoint covers before it is stored."""
+        if self._row:
+            self._rows.append((_STEP, self._step, self._epoch, self._row_time, self._row))
+            self._row = {}
+
+    def load_checkpoint(self, map_location=None, timeout: float = 120.0):
+        """The checkpoint this attempt resumes from (a restarted submitted command): the
+        run's step and steering are restored, the saved object is returned; None if none."""
+        return self._files.load_checkpoint(map_location=map_location, timeout=timeout)
+
     # ------------------------------------------------------------------ the end
     def finish(self, state: str = "COMPLETED", message: str = "", timeout: float = 10.0) -> list[str]:
         """Flush and end the run (COMPLETED / FAILED / CANCELLED). Waits up to `timeout`
@@ -220,7 +262,12 @@ class Run:
         if self._row:
             self._rows.append((_STEP, self._step, self._epoch, self._row_time, self._row))
             self._row = {}
-        self.undelivered = self._session.finish(pb.ExperimentState.Value(state), message[:1000], timeout)
+        # Files first: the run's lease (or run token) still lets them in before the final state.
+        deadline = time.monotonic() + timeout
+        files = self.__dict__.get("_files_obj")
+        missing = files.finish(deadline) if files is not None else []
+        self.undelivered = missing + self._session.finish(pb.ExperimentState.Value(state), message[:1000],
+                                                          max(1.0, deadline - time.monotonic()))
         for what in self.undelivered:
             log.warning("trainctl: run %r: %s", self.name, what)
         if self in _live_runs:

@@ -719,7 +719,8 @@ class ArtifactsStub:
     Code archives, checkpoints and user files, stored content-addressed (sha256) in the
     server's artifact store (a directory, or any fsspec URL such as s3://bucket/prefix).
     Who may call: a client token for code archives, listing, downloads and gc; a worker
-    token for the runs whose lease it holds; an attached run's run token for its run.
+    token for the runs whose lease it holds (an upload names the worker's session in the
+    `trainctl-worker-id` metadata, as its Hello did); an attached run's run token for its run.
     """
 
     def __init__(self, channel):
@@ -761,7 +762,8 @@ class ArtifactsServicer:
     Code archives, checkpoints and user files, stored content-addressed (sha256) in the
     server's artifact store (a directory, or any fsspec URL such as s3://bucket/prefix).
     Who may call: a client token for code archives, listing, downloads and gc; a worker
-    token for the runs whose lease it holds; an attached run's run token for its run.
+    token for the runs whose lease it holds (an upload names the worker's session in the
+    `trainctl-worker-id` metadata, as its Hello did); an attached run's run token for its run.
     """
 
     def Upload(self, request_iterator, context):
@@ -845,7 +847,8 @@ class Artifacts:
     Code archives, checkpoints and user files, stored content-addressed (sha256) in the
     server's artifact store (a directory, or any fsspec URL such as s3://bucket/prefix).
     Who may call: a client token for code archives, listing, downloads and gc; a worker
-    token for the runs whose lease it holds; an attached run's run token for its run.
+    token for the runs whose lease it holds (an upload names the worker's session in the
+    `trainctl-worker-id` metadata, as its Hello did); an attached run's run token for its run.
     """
 
     @staticmethod

@@ -185,3 +185,6 @@ class TrainingContext:
     # checkpoint, a corrupt one set aside): the agent logs them and shows them as the
     # RUNNING state's message.
     on_note: Callable[[str], None] = lambda text: None
+    # Called with (path, step) once a checkpoint file is complete (renamed into place):
+    # the agent uploads it to the artifact store so a run resumes on another box.
+    on_checkpoint: Callable[[str, int], None] = lambda path, step: None

@@ -272,6 +272,7 @@ class Trainer:
         }, self.ctx.lineage, keep=max(KEEP_WHILE_TRAINING, self.spec.train.keep_checkpoints))
         self.dist.trace("checkpoint", epoch=epoch, step=self.step)
         log.debug("checkpoint %s", path)
+        self.ctx.on_checkpoint(str(path), self.step)
 
     def _maybe_resume(self) -> None:
         if not self.ctx.checkpoint_dir:
