@@ -8,7 +8,8 @@
 2. A tiny loop (MLP 64-64-10, batch 32, SGD + StepLR, CPU, 1 torch thread) bare vs the
    same loop with `run.step()` + `run.log(4 scalars, one a tensor)`, interleaved rounds
    in one process; ratio = median of per-round (SDK steps/s / bare steps/s) with a
-   bootstrap 95 % interval. Target (issue 12): >= 0.99.
+   bootstrap 95 % interval, and the server's CPU per step during each arm's rounds
+   (`--linger 0.2` runs the SDK with the old row linger). Target (issue 12): >= 0.99.
 3. With --ack: a client sends scale-lr 1.0 every 0.2 s during the SDK rounds; time to
    the APPLIED answer, p50/p99 (target: one step + 20 ms).
 4. --ddp (python bench/attach_step.py --ddp --steps 4000): 2 gloo CPU ranks; us per
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import Cluster, bootstrap_ci, machine, median, table  # noqa: E402
+from _common import Cluster, bootstrap_ci, cpu_s, machine, median, table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -184,6 +185,8 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--micro", type=int, default=200_000)
+    p.add_argument("--linger", type=float, default=None, help="the SDK's row linger in s (default: the SDK's own, "
+                                                               "trainctl.attach.session.LINGER_S)")
     p.add_argument("--ack", action="store_true", help="also measure scale-lr ack latency during the SDK rounds "
                                                      "(its client shares the box: not in the ratio runs)")
     args = p.parse_args()
@@ -193,6 +196,9 @@ def main() -> int:
     if args.ddp:
         return ddp_main(args.steps)
     torch.set_num_threads(1)
+    from trainctl.attach import session
+    if args.linger is not None:
+        session.LINGER_S = args.linger
     cluster = None if args.offline else Cluster()
     try:
         server = "127.0.0.1:1" if cluster is None else cluster.address
@@ -202,6 +208,7 @@ def main() -> int:
         step_ns, log_ns, bg_us = micro(run, args.micro)
         loop(200), loop(200, run)  # warm-up
         bare, sdk, ratios, acks = [], [], [], []
+        server_cpu = {"bare": 0.0, "sdk": 0.0}  # the server's CPU during each arm's rounds
         for r in range(args.rounds):
             arms = ("bare", "sdk") if r % 2 == 0 else ("sdk", "bare")
             got = {}
@@ -211,7 +218,11 @@ def main() -> int:
                 if a == "sdk" and cluster is not None and run.id and args.ack:
                     pinger = threading.Thread(target=ack_latency, args=(cluster.address, run.id, stop, acks))
                     pinger.start()
+                c0 = cpu_s(cluster.server.pid) if cluster is not None else 0.0
                 got[a] = loop(args.steps, run if a == "sdk" else None)
+                if a == "sdk" and cluster is not None:
+                    time.sleep(session.LINGER_S + 0.05)  # its last rows reach the server inside this arm
+                server_cpu[a] += (cpu_s(cluster.server.pid) - c0) if cluster is not None else 0.0
                 stop.set()
                 if pinger is not None:
                     pinger.join()
@@ -227,6 +238,9 @@ def main() -> int:
             ["bare loop", f"{median(bare):.0f} steps/s"],
             ["with the SDK", f"{median(sdk):.0f} steps/s"],
             ["ratio SDK/bare (median of rounds)", f"{median(ratios):.3f} [{lo:.3f}, {hi:.3f}]"],
+            ["server CPU per step, SDK rounds / bare rounds", "-" if cluster is None else
+             f"{1e6 * server_cpu['sdk'] / (args.rounds * args.steps):.1f} / "
+             f"{1e6 * server_cpu['bare'] / (args.rounds * args.steps):.1f} us (rows every {session.LINGER_S:g} s)"],
             ["scale-lr acked (p50 / p99, n)", "-" if not acks else
              f"{1000 * acks[len(acks) // 2]:.1f} / {1000 * acks[min(len(acks) - 1, int(0.99 * len(acks)))]:.1f} ms"
              f" ({len(acks)}; one step = {1000 / median(sdk):.2f} ms)"],

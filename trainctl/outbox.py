@@ -48,6 +48,7 @@ class Outbox:
         # Producers append and set `_wake`; the sender drains everything at once.
         self._items: "deque[object]" = deque()
         self._wake = threading.Event()
+        self._taken = threading.Event()  # set when the stream's iterator took what was queued
         self._seq: dict[tuple[int, int], int] = {}
         self._lock = threading.Lock()
         self.unacked = UnackedBatches(in_memory_batches, spill_path)
@@ -95,6 +96,15 @@ class Outbox:
                 del self._sticky[k]
                 self._delivered.discard(k)
 
+    def hand_over(self, timeout: float) -> bool:
+        """Wait (the GIL released) up to `timeout` s until the stream's iterator has taken
+        what is queued. For a control ack sent from a training thread that holds the GIL:
+        the sender thread gets it at once instead of after Python's switch interval
+        (5 ms), so the ack leaves during this call. Returns whether it was taken."""
+        self._taken.clear()
+        self._wake.set()
+        return self._taken.wait(timeout) if self._items else True
+
     def wake(self) -> None:
         """Wake the stream's iterator now (e.g. so it sees its `stop` at once)."""
         self._wake.set()
@@ -134,6 +144,7 @@ class Outbox:
             self._wake.clear()
             items = self._drain()
             if items:
+                self._taken.set()
                 yield from self._messages(items)
                 last_sent = time.monotonic()
             elif time.monotonic() - last_sent >= interval:

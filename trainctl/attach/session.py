@@ -32,9 +32,14 @@ from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 
 log = logging.getLogger("trainctl.attach")
 
-LINGER_S = 0.2             # rows are converted and handed to the outbox this often
+# Rows are converted and sent this often. The server's CPU per batch (its transaction,
+# fan-out, ack) is paid on the training box when both share it; with a watcher, 1 s
+# instead of 0.2 s took server + watcher CPU per step down 1.4-4x (bench/RESULTS.md). A
+# watcher's view lags <= ~1 s (finish() flushes at once).
+LINGER_S = 1.0
 IN_MEMORY_BATCHES = 200    # sealed batches kept in RAM during an outage; older ones go to disk
 PRE_ATTACH_IN_MEMORY = 20_000  # rows kept in RAM before the run exists on the server
+ACK_HANDOVER_S = 0.005     # at most this pause of the loop per applied command (Outbox.hand_over)
 _FATAL = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
           grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)
 
@@ -123,6 +128,8 @@ class Session:
             experiment_id=self.experiment_id, attempt=self.attempt, command_id=command_id, ok=outcome.ok,
             applied_step=applied_step, old_value=outcome.old, new_value=outcome.new, message=outcome.message,
             consequence=outcome.consequence)), sticky=True)
+        if self._connected.is_set():  # the loop's thread pauses (<= ACK_HANDOVER_S) so the ack leaves now
+            self.outbox.hand_over(ACK_HANDOVER_S)
 
     def declare_knobs(self) -> None:
         knobs = self._knobs()
