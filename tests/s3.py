@@ -2,7 +2,7 @@
 mode (`python -m moto.server`) started as its own process on a free port, with one
 bucket. Skipped, with the reason, when moto is not installed.
 
-    from tests.s3 import s3_server  # noqa: F401  (the fixture)
+    pytest_plugins = ["tests.s3"]   # in the test module: one server for the whole session
 
     def test_x(s3_server):
         url = s3_server.url("some/prefix")            # s3://<bucket>/some/prefix

@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.s3 import s3_server  # noqa: F401  (fixture)
 from trainctl.server.artifacts import open_blob_store
 from trainctl.server.artifacts.base import BlobMissing, HashOnly, IntegrityError
 from trainctl.server.artifacts.local import LocalBlobStore
@@ -19,6 +18,8 @@ from trainctl.server.store import open_store
 from trainctl.server.store.artifacts import CHECKPOINT, CODE, FILE
 from trainctl.server.store.entities import Artifact
 from trainctl.server.store.errors import NotFound
+
+pytest_plugins = ["tests.s3"]  # s3_server: moto's S3 server on loopback, one per session
 
 
 def blob(seed: str, size: int = 3000) -> tuple[bytes, str]:

@@ -20,7 +20,6 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.s3 import s3_server  # noqa: F401  (fixture)
 from trainctl import artifact_io
 from trainctl.codepack import pack
 from trainctl.server.app import ServerConfig, create_server
@@ -29,6 +28,8 @@ from trainctl.server.auth import Tokens
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.wire import struct_from_dict
+
+pytest_plugins = ["tests.s3"]  # s3_server: moto's S3 server on loopback, one per session
 
 CLIENT = [("authorization", "Bearer client-secret")]
 WORKER = [("authorization", "Bearer worker-secret")]

@@ -25,7 +25,8 @@ import pytest
 import yaml
 
 from tests.conftest import Cluster, experiment_events, wait_for
-from tests.s3 import s3_server  # noqa: F401  (the fixture: moto's S3 server on loopback)
+
+pytest_plugins = ["tests.s3"]  # s3_server: moto's S3 server on loopback, one per session
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent

@@ -346,6 +346,11 @@ def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, i
     names = _ckpts(d)
     for name in names[1:]:                                  # torn: a disk that lied, a bad copy
         (d / name).write_bytes((d / name).read_bytes()[:1000])
+    # The artifact store's copies are torn too (else the worker would fetch a good one,
+    # test_checkpoint_sync.py): it must refuse to serve them, and the run fall back.
+    for blob in (fast_cluster.db_path.parent / "artifacts" / "blobs").rglob("*"):
+        if blob.is_file() and blob.stat().st_size > 1000:
+            blob.write_bytes(blob.read_bytes()[:1000])
     w1 = fast_cluster.add_worker("w1")
     events = experiment_events(c, x.id)
     assert events[-1].state == "COMPLETED", fast_cluster.logs()

@@ -15,7 +15,7 @@ from trainctl.client import Client, TrainctlError
 
 pytestmark = pytest.mark.slow
 
-SECONDS = float(os.environ.get("TRAINCTL_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("TRAINCTL_SOAK_SECONDS", "30"))  # longer soaks: set it
 
 
 def _spec(i: int) -> dict:
