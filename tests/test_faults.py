@@ -53,14 +53,20 @@ def _losses(c, exp_id: int) -> list[float]:
     return c.metrics(exp_id, scope="step", names=["loss"])["STEP/loss"]["value"]
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster):
+def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster, tmp_path):
+    """...on another box: the second worker has its own empty workdir, so the checkpoint
+    comes from the artifact store (workers/checkpoint_sync.py)."""
     c = fast_cluster.client()
     w0 = fast_cluster.add_worker("w0")
     ref = c.submit(_spec("reference"))
     assert c.wait(ref.id, timeout=180).state == "COMPLETED", fast_cluster.logs()
 
     x = c.submit(_spec("killed"))
-    _wait_epoch(c, x.id, 1)               # epochs 0 and 1 done, checkpoint written
+    _wait_epoch(c, x.id, 1)               # epochs 0 and 1 done, checkpoints written...
+    deadline = time.monotonic() + 60      # ...and the one after epoch 1 stored (uploads run behind training)
+    while not any(a.kind == "checkpoint" and a.step >= 16 for a in c.artifacts(x.id)):
+        assert time.monotonic() < deadline, fast_cluster.logs()
+        time.sleep(0.05)
     w0.stop(signal.SIGKILL)
     t_kill = time.monotonic()
     for ev in c.watch(x.id, live_only=True):  # the server notices within the lease timeout
@@ -71,10 +77,13 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster):
     q = c.get(x.id)
     assert "w0 lost" in q.message
 
-    fast_cluster.add_worker("w1")
-    final = c.wait(x.id, timeout=180)
+    fast_cluster.add_worker("w1", "--workdir", str(tmp_path / "box-b"))   # nothing of w0's on its disk
+    events = experiment_events(c, x.id)
+    final = events[-1]
     assert final.state == "COMPLETED", fast_cluster.logs()
     assert final.attempt == 2 and final.worker_id == "w1"
+    why = " ".join(e.message for e in events if e.state == "RUNNING" and e.attempt == 2)
+    assert "fetched from the artifact store" in why and "resumed from ckpt-" in why, why
     _assert_complete_history(fast_cluster.db_path, x.id, steps=32, epochs=4)
     # deterministic CPU training: the resumed run equals the uninterrupted one exactly
     assert _losses(c, x.id) == _losses(c, ref.id)
@@ -243,7 +252,9 @@ class _TmpfsCluster(Cluster):
 
     def __init__(self, tmp, mount, server_args):
         self.mount = mount
-        super().__init__(tmp, server_args)
+        # Only the database is on the small disk (the artifact store would default to its
+        # folder, and its checkpoints would fill it before the test does).
+        super().__init__(tmp, [*server_args, "--artifacts", str(tmp / "artifacts")])
 
     def start_server(self):
         self.db_path = self.mount / "trainctl.db"
