@@ -81,6 +81,12 @@ class SynthWorker:
     def send(self, msg: pb.WorkerMessage) -> None:
         self.q.put_nowait(msg)
 
+    async def send_acked(self, batches: list[pb.WorkerMessage]) -> None:
+        """Send every batch, then wait until the server acked the last one."""
+        for m in batches:
+            self.send(m)
+        await self.wait_acked(batches[-1].metrics.seq)
+
     def wait_acked(self, seq: int) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
         if self.acked_seq >= seq:

@@ -113,9 +113,7 @@ async def big_run(cluster: Cluster, points: int) -> tuple[int, float]:
     rows = points // len(NAMES)
     batches = build_batches(w.exp_id, w.attempt, 0, rows, 1000)
     t0 = time.perf_counter()
-    for m in batches:
-        w.send(m)
-    await w.wait_acked(batches[-1].metrics.seq)
+    await w.send_acked(batches)
     load_s = time.perf_counter() - t0
     await w.finish()
     client.close()

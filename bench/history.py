@@ -56,9 +56,7 @@ async def amain(args) -> None:
         await w.start()
         batches = build_batches(w.exp_id, w.attempt, 0, rows, 1000)
         t0 = time.perf_counter()
-        for m in batches:
-            w.send(m)
-        await w.wait_acked(batches[-1].metrics.seq)
+        await w.send_acked(batches)
         load_s = time.perf_counter() - t0
         n_stored = sum(len(s["step"]) for s in client.metrics(x.id, names=["loss"]).values()) * len(NAMES)
 

@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.code}: {exc.message}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:  # bad input files (SpecError), flags, addresses
-        if isinstance(exc, BrokenPipeError) or getattr(exc, "errno", None) == 32:
+        if getattr(exc, "errno", None) == 32:  # EPIPE raised as a plain OSError
             return _closed_pipe()
         print(f"error: {exc}", file=sys.stderr)
         return 2

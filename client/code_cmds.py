@@ -8,17 +8,11 @@ import contextlib
 import sys
 import time
 
+from trainctl.client.output import isatty as _isatty
 from trainctl.codepack import DEFAULT_MAX_BYTES, human
 
 ARTIFACT_COLUMNS = (("NAME", 9), ("KIND", 8), ("STEP", 7), ("SIZE", 8), ("ATTEMPT", 4), ("SHA256", 5),
                     ("CREATED", 3))
-
-
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
 
 
 @contextlib.contextmanager

@@ -77,12 +77,11 @@ def upload_code(client, code_dir: str | os.PathLike, *, max_bytes: int = codepac
     """Pack `code_dir` and make sure the server has the archive (force: send it even if
     Stat says it is there). Raises codepack.TooBig / ArchiveError before anything is
     sent, TrainctlError from the server."""
-    stub = client._artifacts
     t0 = time.perf_counter()
     entries = codepack.scan(code_dir)
     key = codepack.tree_key(entries)
     known = None if force else _PackMemo.get(code_dir, key)
-    if known is not None and _server_has(client, stub, known.sha256, known.bytes):
+    if known is not None and _server_has(client, known.sha256, known.bytes):
         return CodeUpload(known.sha256, known.bytes, known.files, False, time.perf_counter() - t0, 0.0)
     with tempfile.TemporaryDirectory(prefix="trainctl-code-") as tmp:
         path = Path(tmp) / "code.tar"
@@ -90,21 +89,22 @@ def upload_code(client, code_dir: str | os.PathLike, *, max_bytes: int = codepac
         _PackMemo.put(code_dir, key, packed)
         sha, size = packed.sha256, packed.bytes
         pack_s = time.perf_counter() - t0
-        if not force and _server_has(client, stub, sha, size):
+        if not force and _server_has(client, sha, size):
             return CodeUpload(sha, size, packed.files, False, pack_s, 0.0)
         t1 = time.perf_counter()
         art = pb.Artifact(kind=pb.ARTIFACT_CODE, experiment_id=0, name=sha, sha256=sha, size=size)  # hashed while packed
         try:
-            artifact_io.upload(stub, path, art, metadata=client._metadata(), timeout=_transfer_timeout(size),
-                               progress=progress)
+            artifact_io.upload(client._artifacts, path, art, metadata=client._metadata(),
+                               timeout=_transfer_timeout(size), progress=progress)
         except grpc.RpcError as exc:
             raise _err(exc) from None
         return CodeUpload(sha, size, packed.files, True, pack_s, time.perf_counter() - t1)
 
 
-def _server_has(client, stub, sha: str, size: int) -> bool:
+def _server_has(client, sha: str, size: int) -> bool:
     try:
-        have = stub.Stat(pb.ArtifactRef(sha256=sha), metadata=client._metadata(), timeout=client.timeout)
+        have = client._artifacts.Stat(pb.ArtifactRef(sha256=sha), metadata=client._metadata(),
+                                      timeout=client.timeout)
     except grpc.RpcError as exc:
         if exc.code() != grpc.StatusCode.NOT_FOUND:
             raise _err(exc) from None

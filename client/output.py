@@ -28,6 +28,14 @@ def epoch_number(index: int) -> int:
     return int(index) + 1
 
 
+def isatty(stream) -> bool:
+    """Whether `stream` is a terminal (False for a closed or file-less stream)."""
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def iso(t: Optional[float]) -> Optional[str]:
     if t is None or not math.isfinite(t) or t <= 0:
         return None

@@ -4,6 +4,7 @@
   entries marked.
 * `experiment_png`: an experiment's stored metrics (LR, loss, accuracy against the
   optimizer step) with every applied control event marked.
+* `overlay_png`: several experiments on shared panels (`plot 3 4 5`).
 
 Control markers are a vertical line on every panel plus a label at the top of the
 first panel; labels that would overlap are stacked in rows, and the panel gets
@@ -300,6 +301,43 @@ def _loss_axis(ax, values: list[float]) -> str:
         ax.text(0.99, 0.98, f"{above} point(s) above the axis (max {hi:.4g})", transform=ax.transAxes,
                 ha="right", va="top", fontsize=7, color="dimgray")
     return "linear"
+
+
+# ---------------------------------------------------------------------- plot 3 4 5 (overlay)
+OVERLAY_PANELS = (("STEP/lr", "learning rate"), ("STEP/loss", "train loss (step)"), ("EPOCH/val_top1", "val_top1"))
+
+
+def overlay_png(xs, metrics: list[dict], controls: list[list], path: str) -> dict:
+    """Several experiments on shared panels (LR, loss, val_top1 against the step), one
+    colour per run, each run's applied controls marked in its colour. Returns what was
+    drawn (for --json)."""
+    panels = [(k, t) for k, t in OVERLAY_PANELS if any(_series(m, k) for m in metrics)]
+    if not panels:
+        raise ValueError("none of these experiments has lr, loss or val_top1 stored yet")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.8 * len(panels)), sharex=True, squeeze=False)
+    axes = [a[0] for a in axes]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    drawn = {"experiments": [x.id for x in xs], "series": [k for k, _ in panels], "controls": []}
+    for i, (x, m, cs) in enumerate(zip(xs, metrics, controls)):
+        color = colors[i % len(colors)]
+        for ax, (key, title) in zip(axes, panels):
+            s = _series(m, key)
+            if s:
+                ax.plot(*s, color=color, lw=1.2, marker="o" if key.startswith("EPOCH") else None, ms=3,
+                        label=f"{x.id} {x.name}")
+            ax.set_title(title, fontsize=10, loc="left")
+        for r in cs:
+            if r.status == "APPLIED" and r.applied_step is not None:
+                for ax in axes:
+                    ax.axvline(r.applied_step, color=color, ls="--", lw=1, alpha=0.8)
+                axes[0].annotate(f"{x.id}: {r.kind} {r.value:g}", (r.applied_step, 1), xycoords=("data", "axes fraction"),
+                                 xytext=(3, -12 - 11 * (len(drawn["controls"]) % 4)), textcoords="offset points",
+                                 fontsize=7, color=color)
+                drawn["controls"].append({"id": x.id, "kind": r.kind, "value": r.value, "step": r.applied_step})
+    axes[0].legend(fontsize=8, loc="upper right")
+    axes[-1].set_xlabel("step")
+    _finish(fig, path)
+    return drawn
 
 
 def _fmt_lr(spec: dict) -> str:

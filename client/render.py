@@ -11,20 +11,13 @@ from typing import Iterable, Optional
 from rich.console import Console
 from rich.text import Text
 
-from trainctl.client.output import cli_summary, cli_value, epoch_number, iso, jsonable, print_table
+from trainctl.client.output import cli_summary, cli_value, epoch_number, isatty, iso, jsonable, print_table
 from trainctl.client.sdk import ControlResult, Event, ExperimentInfo
 
 
-def _isatty(stream) -> bool:
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # Into a pipe or file a line is written whole (rich would fold it at 80 columns).
-console = Console(highlight=False, soft_wrap=not _isatty(sys.stdout))
-err_console = Console(stderr=True, highlight=False, soft_wrap=not _isatty(sys.stderr))
+console = Console(highlight=False, soft_wrap=not isatty(sys.stdout))
+err_console = Console(stderr=True, highlight=False, soft_wrap=not isatty(sys.stderr))
 
 STATE_STYLE = {"QUEUED": "yellow", "ASSIGNED": "cyan", "RUNNING": "bold cyan", "COMPLETED": "green",
                "FAILED": "bold red", "CANCELLED": "magenta"}
@@ -92,10 +85,15 @@ def _knob(k: dict) -> str:
     return f"{k['name']}={_fmt(k['value'])}{bounds}"
 
 
+def _acts_at(r: ControlResult) -> Optional[int]:
+    """The step a control acts at: applied, else scheduled (None: neither)."""
+    return r.applied_step if r.applied_step is not None else r.at_step
+
+
 def controls_in_order(recs: list[ControlResult]) -> list[ControlResult]:
     """By the step they act at (applied, else scheduled), then by request time."""
     def key(r: ControlResult):
-        step = r.applied_step if r.applied_step is not None else r.at_step
+        step = _acts_at(r)
         return (math.inf if step is None else step, r.requested_at or 0.0)
 
     return sorted(recs, key=key)
@@ -159,14 +157,14 @@ class _ControlOrder:
     def due(self, step: Optional[int]) -> list[ControlResult]:
         out = []
         for r in list(self.waiting):
-            at = r.applied_step if r.applied_step is not None else r.at_step
+            at = _acts_at(r)
             if step is None or (at is not None and at <= step):
                 self.waiting.remove(r)
                 out.append(r)
         return [r for r in out if self._first(r)]
 
     def event(self, r: ControlResult, step: int) -> list[ControlResult]:
-        at = r.applied_step if r.applied_step is not None else r.at_step
+        at = _acts_at(r)
         if at is not None and at > step and r.status != "PENDING":
             if (r.command_id, r.status) not in self.printed and r not in self.waiting:
                 self.waiting.append(r)

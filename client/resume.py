@@ -16,10 +16,10 @@ import threading
 import time
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
+from trainctl.client.sdk_types import FINAL
+
 if TYPE_CHECKING:
     from trainctl.client.sdk import Client, Event
-
-FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 
 
 class WatchCursor:

@@ -21,7 +21,7 @@ import grpc
 
 from trainctl import controls
 from trainctl.client.sdk_types import (  # noqa: F401  (re-exported: import the types from here)
-    FINAL, INT_SUMMARY_KEYS, ControlResult, Event, ExperimentInfo, LogLine, events_of, spec_of, summary_of)
+    FINAL, ControlResult, Event, ExperimentInfo, LogLine, events_of)
 from trainctl.transport import auth_metadata, open_channel, tls_hint
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
@@ -46,6 +46,11 @@ class WaitTimeout(TrainctlError, TimeoutError):
 def _error(exc: grpc.RpcError) -> TrainctlError:
     code, details = exc.code().name, exc.details() or ""
     return TrainctlError(code, details + tls_hint(code, details))
+
+
+def _backoff(failures: int) -> None:
+    """The wait before reopening a stream after `failures` in a row: 0.25 s doubling to 5 s."""
+    time.sleep(min(5.0, 0.25 * 2 ** (failures - 1)))
 
 
 SpecLike = Union[str, Path, dict]
@@ -228,7 +233,7 @@ class Client:
             if failures > retries:
                 raise problem or TrainctlError(
                     "UNAVAILABLE", f"watch of experiment {id} ended {failures} times before a final state")
-            time.sleep(min(0.25 * 2 ** (failures - 1), 5.0))
+            _backoff(failures)
 
     def logs(self, id: int, *, follow: bool = False, tail: int = 0, attempt: int = 0,
              retries: int = 12) -> Iterator[LogLine]:
@@ -259,7 +264,7 @@ class Client:
                 if not follow or err.code in FATAL_WATCH_CODES or self._closed or failures >= retries:
                     raise err from None
             failures += 1
-            time.sleep(min(5.0, 0.25 * 2 ** (failures - 1)))
+            _backoff(failures)
 
     def wait(self, id: int, timeout: Optional[float] = None) -> ExperimentInfo:
         """Block until the experiment reaches a final state and return it; WaitTimeout

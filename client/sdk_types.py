@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
 from trainctl.v1 import trainctl_pb2 as pb
+from trainctl.wire import dict_from_struct
 
 FINAL = ("COMPLETED", "FAILED", "CANCELLED")
 # Summary values are doubles on the wire; these keys are counts.
@@ -26,15 +27,6 @@ def _ts(msg, name: str) -> Optional[float]:
     return ts.ToNanoseconds() / 1e9
 
 
-def _plain(v):
-    """Struct/ListValue -> dicts and lists (numbers stay floats: the Struct has no ints)."""
-    if hasattr(v, "keys"):
-        return {k: _plain(v[k]) for k in v.keys()}
-    if hasattr(v, "append") and not isinstance(v, (list, str)):
-        return [_plain(x) for x in v]
-    return v
-
-
 def spec_of(m: pb.Experiment) -> dict:
     """The spec with its declared types: `spec_json` when the server sends it (integers
     stay integers), else the Struct (every number a float)."""
@@ -43,7 +35,7 @@ def spec_of(m: pb.Experiment) -> dict:
             return json.loads(m.spec_json)
         except ValueError:
             pass
-    return _plain(m.spec)
+    return dict_from_struct(m.spec)  # numbers stay floats: the Struct has no ints
 
 
 def summary_of(m: pb.Experiment) -> dict:

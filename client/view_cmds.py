@@ -31,8 +31,6 @@ def cmd_plot(args, client) -> int:
     from trainctl.client.plot import MAX_POINTS, experiment_png
 
     if len(args.ids) > 1:
-        from trainctl.client.console_cmds import cmd_plot_overlay
-
         return cmd_plot_overlay(args, client)
     args.id = args.ids[0]
 
@@ -50,6 +48,23 @@ def cmd_plot(args, client) -> int:
         print(json.dumps(drawn))
     else:
         print(f"wrote {png}: {', '.join(drawn['series'])}; {len(drawn['controls'])} control event(s) marked")
+    return 0
+
+
+def cmd_plot_overlay(args, client) -> int:
+    from trainctl.client.plot import MAX_POINTS, overlay_png
+
+    png = args.png or f"experiments-{'-'.join(map(str, args.ids))}.png"
+    with client(args) as c:
+        xs = [c.get(i) for i in args.ids]
+        metrics = [c.metrics(i, max_points=MAX_POINTS) for i in args.ids]
+        controls = [c.controls(i) for i in args.ids]
+    drawn = overlay_png(xs, metrics, controls, png)
+    if args.json:
+        print(json.dumps(drawn))
+    else:
+        print(f"wrote {png}: {len(xs)} experiments overlaid on {', '.join(drawn['series'])}; "
+              f"{len(drawn['controls'])} control event(s) marked")
     return 0
 
 

@@ -21,12 +21,11 @@ import logging
 import math
 import secrets
 import time
-import uuid
 
-from trainctl.server import convert
+from trainctl.server import convert, steering
 from trainctl.server.guard import bad_request
 from trainctl.server.store import entities as e
-from trainctl.server.store.errors import NotFound, StoreUnavailable
+from trainctl.server.store.errors import NotFound
 from trainctl.spec_checks import MAX_SPEC_BYTES
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.wire import dict_from_struct, largest_field
@@ -84,8 +83,7 @@ async def attach(service, request: pb.AttachRequest, context) -> pb.AttachRespon
     replayed: list[e.ControlRecord] = []
     if replay_of is not None:
         original = await service._get(replay_of, context)  # NOT_FOUND names the id
-        replayed = [r for r in await service.db(service.store.list_controls, original.id)
-                    if r.source != e.SCHEDULED and r.status == e.APPLIED]
+        replayed = steering.replayed_commands(await service.db(service.store.list_controls, original.id))
     key = attach_key(context)
     if key is None:
         await bad_request(context, "Attach", f"metadata {ATTACH_KEY}: 32..128 URL-safe characters "
@@ -108,9 +106,7 @@ async def attach(service, request: pb.AttachRequest, context) -> pb.AttachRespon
         replayed = []
         log.info("experiment %d %r: Attach retried with its key; same run", x.id, x.name)
     for r in replayed:
-        records.append(await service.db(service.store.add_control, e.ControlRecord(
-            command_id=uuid.uuid4().hex, experiment_id=x.id, kind=r.kind, value=r.value, status=e.PENDING,
-            source=e.REPLAYED, requested_at=now, at_step=r.applied_step, hold=r.hold, knob=r.knob)))
+        records.append(await service.db(service.store.add_control, steering.replay_record(r, x.id, now)))
     if x.state in (e.ASSIGNED, e.RUNNING):  # (a retried key whose run already ended gets it as is)
         service.dispatcher.hold_attached(x)
     service.live.experiment_changed(x)
@@ -138,8 +134,6 @@ async def verify_session(store_db, store, hello: pb.Hello) -> str:
         x = await store_db(store.get_experiment, exp_id)
     except NotFound:
         x = None
-    except StoreUnavailable:
-        raise
     ok = (x is not None and x.kind == e.ATTACHED and x.run_token_hash is not None
           and hmac.compare_digest(x.run_token_hash, token_hash(hello.run_token)))
     if not ok:  # one answer for "no such run" and "wrong token": the caller learns nothing

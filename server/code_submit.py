@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import grpc
 
 from trainctl.jobspec import SHA256_RE, parse_job
+from trainctl.server import steering
 from trainctl.server.guard import bad_request
 from trainctl.server.store import entities as e
+from trainctl.server.store.artifacts import CODE
 from trainctl.server.store.errors import NotFound
 from trainctl.spec import SpecError
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_CODE = "ARTIFACT_CODE"   # proto ArtifactKind name, as the store keeps it
 
 
 async def submit_job(service, raw: dict, code_sha256: str, context) -> e.Experiment:
@@ -54,17 +53,14 @@ async def replay_job(service, x: e.Experiment) -> e.Experiment:
     SDK gets them with its Attach, as scheduled commands)."""
     suffix = f"-replay-of-{x.id}"
     spec = {**x.spec, "name": x.name[:128 - len(suffix)] + suffix}
-    applied = [r for r in await service.db(service.store.list_controls, x.id)
-               if r.source != e.SCHEDULED and r.status == e.APPLIED]
+    applied = steering.replayed_commands(await service.db(service.store.list_controls, x.id))
     y = await service.db(service.store.create_experiment, spec["name"], spec,
                          max_restarts=int(spec.get("max_restarts", 3)),
                          gpus=int((spec.get("resources") or {}).get("gpus") or 0), kind=e.CODE,
                          tags=list(x.tags), replay_of=x.id)
     now = time.time()
     for r in applied:
-        await service.db(service.store.add_control, e.ControlRecord(
-            command_id=uuid.uuid4().hex, experiment_id=y.id, kind=r.kind, value=r.value, status=e.PENDING,
-            source=e.REPLAYED, requested_at=now, at_step=r.applied_step, hold=r.hold, knob=r.knob))
+        await service.db(service.store.add_control, steering.replay_record(r, y.id, now))
     service.dispatcher.kick()
     service.live.experiment_changed(y)
     log.info("experiment %d %r queued, replaying %d commands of experiment %d", y.id, y.name, len(applied), x.id)
@@ -79,7 +75,7 @@ async def _check_code(service, code_sha256: str, context) -> None:
         record = await service.db(service.store.get_artifact, 0, code_sha256)
     except NotFound:
         record = None
-    if record is None or record.kind != ARTIFACT_CODE:
+    if record is None or record.kind != CODE:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"code_sha256: no code archive {code_sha256[:12]} in the artifact store; "
                             f"upload it first (Artifacts.Upload, kind ARTIFACT_CODE; `trainctl submit --code` does)")

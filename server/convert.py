@@ -59,12 +59,7 @@ def control_to_pb(r: e.ControlRecord) -> pb.ControlRecord:
 
 
 def knob_to_pb(k: e.Knob) -> pb.Knob:
-    msg = pb.Knob(name=k.name, value=k.value)
-    if k.low is not None:
-        msg.low = k.low
-    if k.high is not None:
-        msg.high = k.high
-    return msg
+    return pb.Knob(name=k.name, value=k.value, low=k.low, high=k.high)  # None: the optional stays unset
 
 
 def knob_from_pb(k: pb.Knob) -> e.Knob:

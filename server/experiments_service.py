@@ -9,14 +9,14 @@ import uuid
 import grpc
 
 from trainctl.jobspec import is_job
-from trainctl.server import attach, code_submit, control_rpc, convert, knobs, listing, logs_rpc
+from trainctl.server import attach, code_submit, control_rpc, convert, knobs, listing, logs_rpc, steering
 from trainctl.server.dispatcher import Dispatcher
 from trainctl.server.extra_rpcs import AnnotateAndWorkers
 from trainctl.server.live import Live
 from trainctl.server.store import entities as e
-from trainctl.server.guard import bad_request, rate_limited
+from trainctl.server.guard import bad_request
 from trainctl.server.store.errors import InvalidTransition, NotFound
-from trainctl.server.watch_history import SEND_TIMEOUT_S, ClientStalled, Sender, history_pages
+from trainctl.server.watch_history import SEND_TIMEOUT_S, ClientStalled, Sender, answer_stalled, history_pages
 from trainctl.spec import SpecError, parse_spec
 from trainctl.spec_checks import MAX_SPEC_BYTES
 from trainctl.v1 import trainctl_pb2 as pb
@@ -166,13 +166,7 @@ class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
             # logs a traceback per open stream at shutdown for handlers that use write().)
             return
         if stalled:  # answered outside the except: its traceback (and the page it holds) is gone
-            rate_limited(logging.INFO, ("stalled", request.id), "%s", stalled)
-            try:  # goes out once the client reads or leaves
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stalled)
-            except grpc.aio.AbortError:
-                raise
-            except (asyncio.CancelledError, Exception):  # the call ended first (client gone, server stopping)
-                return
+            await answer_stalled(context, ("stalled", request.id), stalled)
 
     async def _watch(self, request: pb.WatchRequest, context) -> None:
         sub = self.live.hub.subscribe(request.id)
@@ -268,8 +262,8 @@ class ExperimentsService(AnnotateAndWorkers, pb_grpc.ExperimentsServicer):
         except SpecError as exc:  # stored before a rule it breaks existed
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                 f"experiment {x.id} cannot be replayed: its spec is no longer valid: {exc}")
-        replayed = [(r.kind, r.value, r.applied_step, r.hold) for r in await self.db(self.store.list_controls, x.id)
-                    if r.source != e.SCHEDULED and r.status == e.APPLIED]
+        replayed = [(r.kind, r.value, r.applied_step, r.hold)
+                    for r in steering.replayed_commands(await self.db(self.store.list_controls, x.id))]
         suffix = f"-replay-of-{x.id}"  # the link is also in replay_of
         spec_dict = {**x.spec, "name": x.name[:128 - len(suffix)] + suffix}
         y = await self._create(spec_dict, spec, replay_of=x.id, replayed=replayed)

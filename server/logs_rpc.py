@@ -11,24 +11,16 @@ Memory per caller: one page (PAGE_LINES lines) and one bounded queue.
 from __future__ import annotations
 
 import asyncio
-import logging
 
-import grpc
-
-from trainctl.server.guard import bad_request, rate_limited
+from trainctl.server.guard import bad_request
 from trainctl.server.store import logs as store_logs
 from trainctl.server.store.entities import FINAL_STATES
+from trainctl.server.watch_history import ClientStalled, Sender, answer_stalled
 from trainctl.v1 import trainctl_pb2 as pb
-
-log = logging.getLogger(__name__)
 
 LINGER_S = 30.0  # after a client's cancel: how long a follower waits for the worker's last lines
 MESSAGE_BYTES = 1 << 20  # lines per LogBatch sent: up to about this much text
 _FINAL = frozenset({pb.COMPLETED, pb.FAILED, pb.CANCELLED})
-
-
-class _Stalled(Exception):
-    pass
 
 
 def dropped_marker(dropped: int, attempt: int) -> pb.LogLine:
@@ -47,8 +39,7 @@ async def logs(svc, request: pb.LogsRequest, context) -> None:
     await svc._get(request.id, context)  # NOT_FOUND for no such experiment
     hub = svc.live.log_hub
     sub = hub.subscribe(request.id) if request.follow else None
-    timeout = getattr(svc, "watch_send_timeout", 60.0)
-    stream = _Stream(svc, request, context, timeout)
+    stream = _Stream(svc, request, context, svc.watch_send_timeout)
     stalled = ""
     try:
         if request.tail:
@@ -76,7 +67,7 @@ async def logs(svc, request: pb.LogsRequest, context) -> None:
             elif event.WhichOneof("event") == "experiment" and event.experiment.state in _FINAL:
                 await _linger(svc, sub, stream)
                 return
-    except _Stalled as exc:
+    except ClientStalled as exc:
         stalled = str(exc)
     except asyncio.CancelledError:
         return  # the client left or the server is stopping
@@ -84,13 +75,7 @@ async def logs(svc, request: pb.LogsRequest, context) -> None:
         if sub is not None:
             hub.unsubscribe(sub)
     # Answered outside the except: the page it held is gone by then.
-    rate_limited(logging.INFO, ("logs-stalled", request.id), "%s", stalled)
-    try:
-        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, stalled)
-    except grpc.aio.AbortError:
-        raise
-    except (asyncio.CancelledError, Exception):
-        return
+    await answer_stalled(context, ("logs-stalled", request.id), stalled)
 
 
 async def _linger(svc, sub, stream) -> None:
@@ -115,7 +100,8 @@ class _Stream:
     """The caller's position (the key of the last line sent) and its sends."""
 
     def __init__(self, svc, request: pb.LogsRequest, context, timeout: float):
-        self.svc, self.request, self.context, self.timeout = svc, request, context, timeout
+        self.svc, self.request = svc, request
+        self._write = Sender(context, request.id, timeout, what="logs", hint="")
         self.last: tuple[int, int] = (0, 0)
 
     async def history(self) -> None:
@@ -147,11 +133,3 @@ class _Stream:
         real = [ln for ln in lines if ln.index > 0]
         if real:
             self.last = max(self.last, (real[-1].attempt, real[-1].index))
-
-    async def _write(self, batch: pb.LogBatch) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await self.context.write(batch)
-        except TimeoutError:
-            raise _Stalled(f"logs of experiment {self.request.id}: the client read nothing for "
-                           f"{self.timeout:g} s") from None

@@ -18,6 +18,7 @@ alone decides.
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass
 from typing import Iterable, Optional
 
@@ -33,6 +34,7 @@ from trainctl.schedules import (
 from trainctl.schedules.ahead import fmt
 from trainctl.schedules.factory import _ConstantMetrics
 from trainctl.schedules.registry import decay_param_of, no_decay_message
+from trainctl.server.store.entities import APPLIED, PENDING, REPLAYED, SCHEDULED, ControlRecord
 from trainctl.spec import Spec
 
 
@@ -128,5 +130,20 @@ def no_forecast_reason(spec: Spec) -> str:
             "and the run has not finished its first epoch yet")
 
 
+def replayed_commands(records: Iterable[ControlRecord]) -> list[ControlRecord]:
+    """What a replay repeats of a run's control log: its applied commands, not the
+    spec's scheduled ones (the replay's spec schedules those again)."""
+    return [r for r in records if r.source != SCHEDULED and r.status == APPLIED]
+
+
+def replay_record(r: ControlRecord, experiment_id: int, now: float) -> ControlRecord:
+    """Applied command `r` for the replay `experiment_id`: PENDING, REPLAYED, due at the
+    step `r` was applied at."""
+    return ControlRecord(command_id=uuid.uuid4().hex, experiment_id=experiment_id, kind=r.kind, value=r.value,
+                         status=PENDING, source=REPLAYED, requested_at=now, at_step=r.applied_step,
+                         hold=r.hold, knob=r.knob)
+
+
 __all__ = ["Forecast", "LoggedCommand", "NoDecayFactor", "HOLD_VERBS", "static_refusal",
-           "forecast_steps_per_epoch", "reported_steps_per_epoch", "no_forecast_reason"]
+           "forecast_steps_per_epoch", "reported_steps_per_epoch", "no_forecast_reason", "replayed_commands",
+           "replay_record"]

@@ -8,8 +8,12 @@ until the deadline ends its stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import AsyncIterator, Callable
 
+import grpc
+
+from trainctl.server.guard import rate_limited
 from trainctl.server.store import entities as e
 
 # Points per history page (a page is a step range; its width adapts so a page holds
@@ -51,13 +55,28 @@ class Sender:
     message already queued (HTTP/2 keeps order), i.e. when the client reads or leaves, so
     Watch first unwinds (unsubscribes, drops its history page) and then answers."""
 
-    def __init__(self, context, experiment_id: int, timeout: float = SEND_TIMEOUT_S):
+    def __init__(self, context, experiment_id: int, timeout: float = SEND_TIMEOUT_S, *,
+                 what: str = "watch", hint: str = "; reconnect with from_step"):
         self.context, self.experiment_id, self.timeout = context, experiment_id, timeout
+        self.what, self.hint = what, hint
 
     async def __call__(self, event) -> None:
         try:
             async with asyncio.timeout(self.timeout):
                 await self.context.write(event)
         except TimeoutError:
-            raise ClientStalled(f"watch of experiment {self.experiment_id}: the client read nothing for "
-                                f"{self.timeout:g} s; reconnect with from_step") from None
+            raise ClientStalled(f"{self.what} of experiment {self.experiment_id}: the client read nothing for "
+                                f"{self.timeout:g} s{self.hint}") from None
+
+
+async def answer_stalled(context, key: object, message: str) -> None:
+    """End a stream whose client stalled with RESOURCE_EXHAUSTED `message` (logged,
+    rate-limited by `key`); it goes out once the client reads or leaves. Call it outside
+    the `except ClientStalled`, so the traceback (and the page it holds) is gone."""
+    rate_limited(logging.INFO, key, "%s", message)
+    try:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+    except grpc.aio.AbortError:
+        raise
+    except (asyncio.CancelledError, Exception):  # the call ended first (client gone, server stopping)
+        return

@@ -84,7 +84,7 @@ def human(n: int) -> str:
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} B"
+    raise AssertionError("unreachable")  # the loop returns at GB
 
 
 # ---------------------------------------------------------------------------- walking a tree

@@ -20,8 +20,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from trainctl.spec import SpecError
-from trainctl.spec_checks import MAX_ERRORS, TooBig, raw_faults, suggest_key
+from trainctl.spec import ERROR_MESSAGES, SpecError, raw_fault_lines
+from trainctl.spec_checks import MAX_ERRORS, suggest_key
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -109,19 +109,12 @@ def _env_str(v: float) -> str:
     return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
 
 
-_MESSAGES = {
-    "greater_than_equal": "must be >= {ge}", "greater_than": "must be > {gt}",
-    "less_than_equal": "must be <= {le}", "less_than": "must be < {lt}",
-    "extra_forbidden": "unknown key", "missing": "required",
-}
-
-
 def _format_error(err: dict[str, Any]) -> str:
     """``field.path: problem, got value`` from one pydantic error."""
     loc = tuple(err["loc"])
     path = ".".join(str(p) for p in loc) or "job"
     kind, ctx = err["type"], err.get("ctx", {})
-    template = _MESSAGES.get(kind)
+    template = ERROR_MESSAGES.get(kind)
     msg = template.format(**{k: (f"{v:g}" if isinstance(v, float) else v) for k, v in ctx.items()}) \
         if template else err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden" and loc:
@@ -137,12 +130,7 @@ def _format_error(err: dict[str, Any]) -> str:
 
 def parse_job(data: Any) -> JobSpec:
     """Validate a job spec given as a dict; SpecError with one ``field: problem`` per fault."""
-    if not isinstance(data, dict):
-        raise SpecError([f"job: must be a mapping, got {type(data).__name__}"])
-    try:
-        faults = [f"{path}: {problem}" for path, problem in raw_faults(data)]
-    except TooBig as exc:
-        raise SpecError([str(exc)]) from None
+    faults = raw_fault_lines(data, "job")
     try:
         job = JobSpec.model_validate(_coerce(data))
     except ValidationError as exc:

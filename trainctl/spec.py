@@ -207,7 +207,8 @@ def check_control_value(verb: str, value: float) -> None:
         raise ValueError(f"{verb} must be in {'[' if closed else '('}{low:g}, {high:g}], got {value:g}")
 
 
-_MESSAGES = {
+# pydantic error kinds as short messages (also jobspec.py's).
+ERROR_MESSAGES = {
     "greater_than_equal": "must be >= {ge}",
     "greater_than": "must be > {gt}",
     "less_than_equal": "must be <= {le}",
@@ -231,7 +232,7 @@ def _format_error(err: dict[str, Any]) -> str:
         return f"{path}.name: unknown {path} {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}{hint}"
     if kind == "union_tag_not_found":
         return f"{path}.name: required"
-    template = _MESSAGES.get(kind)
+    template = ERROR_MESSAGES.get(kind)
     nums = {k: (f"{v:g}" if isinstance(v, float) else v) for k, v in ctx.items()}
     msg = template.format(**nums) if template else err["msg"].removeprefix("Value error, ")
     if kind == "extra_forbidden" and raw_loc:
@@ -242,6 +243,17 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind not in ("missing", "extra_forbidden") and not isinstance(inp, (dict, list)):
         msg += f", got {_short(inp)}"
     return f"{path}: {msg}"
+
+
+def raw_fault_lines(data: Any, what: str) -> list[str]:
+    """The size and finiteness faults of a spec or job given as a dict, as ``field: problem``
+    lines (spec_checks.raw_faults); SpecError at once for no mapping or one too big to check."""
+    if not isinstance(data, dict):
+        raise SpecError([f"{what}: must be a mapping, got {type(data).__name__}"])
+    try:
+        return [f"{path}: {problem}" for path, problem in raw_faults(data)]
+    except TooBig as exc:
+        raise SpecError([str(exc)]) from None
 
 
 def _short(value: Any) -> str:
@@ -255,12 +267,7 @@ def parse_spec(data: Any, *, check_model: bool = True) -> Spec:
 
     Every fault is reported at once (SpecError.errors): size and range faults, pydantic's,
     and an unknown model name alongside the others."""
-    if not isinstance(data, dict):
-        raise SpecError([f"spec: must be a mapping, got {type(data).__name__}"])
-    try:
-        faults = [f"{path}: {problem}" for path, problem in raw_faults(data)]
-    except TooBig as exc:
-        raise SpecError([str(exc)]) from None
+    faults = raw_fault_lines(data, "spec")
     flagged = {line.split(": ", 1)[0] for line in faults}
     spec = None
     try:

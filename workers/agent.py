@@ -43,6 +43,7 @@ from trainctl.workers.engine.checkpoint import checkpoint_dir, drop_stale_temps,
 from trainctl.workers.logship import LogShipper
 from trainctl.workers.run_process import failure_reason
 from trainctl.workers.runner import ForwardingInbox, run_in_process, warm_up
+from trainctl.workers.usage import UsageSampler
 from trainctl.outbox import Outbox
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,6 @@ class _Run:
         self.attempt = assignment.attempt
         self.inbox = inbox
         self.step = 0
-        self.fenced = False
         self.started = False  # RUNNING sent (once the run process has built and resumed)
         self.notes: list[str] = []  # shown as the RUNNING state's message
 
@@ -88,6 +88,7 @@ class Agent:
         self._ready = threading.Event()
         self._warm_error: Optional[BaseException] = None
         self._connected_once = False
+        self._usage: Optional[UsageSampler] = None  # made by the first heartbeat
         self.exit_code = 0
 
     def _warm_up(self) -> None:
@@ -113,14 +114,14 @@ class Agent:
         return pb.WorkerMessage(hello=hello)
 
     def _heartbeat(self) -> pb.Heartbeat:
-        from trainctl.workers.usage import UsageSampler
-
         run = self.current
         hb = pb.Heartbeat() if run is None else pb.Heartbeat(experiment_id=run.experiment_id, attempt=run.attempt,
                                                              step=run.step)
-        # Usage rides on the heartbeat that falls due (every ~5 s), not on each one.
-        sampler = self.__dict__.get("_usage") or self.__dict__.setdefault("_usage", UsageSampler())
-        hb.usage.extend(sampler.due())
+        # Usage rides on the heartbeat that falls due (every ~5 s), not on each one. The
+        # sampler's CPU baseline is the first heartbeat.
+        if self._usage is None:
+            self._usage = UsageSampler()
+        hb.usage.extend(self._usage.due())
         return hb
 
     def _receive_forever(self) -> None:
@@ -188,7 +189,6 @@ class Agent:
             elif fenced:
                 log.warning("experiment %d attempt %d fenced by the server: stopping it now (%s)",
                             body.experiment_id, body.attempt, body.reason)
-                run.fenced = True
                 run.inbox.fence(body.reason)
             else:
                 run.inbox.cancel(body.reason)
@@ -273,9 +273,9 @@ class Agent:
                           delivered_steps=a.delivered_steps, delivered_epochs=a.delivered_epochs)
         ctx = TrainingContext(inbox=inbox, checkpoint_dir=str(ckdir), lineage=lineage, on_progress=progress,
                               on_note=note, on_checkpoint=lambda path, step: self.checkpoints.upload(
-                                  a.experiment_id, a.attempt, path, step))
-        # The run process's logging (trainctl.* loggers, INFO+) ships as LOGGING lines (workers/pipe.py).
-        ctx.on_log = lambda text: self.logs.add(a.experiment_id, a.attempt, pb.LOGGING, text)
+                                  a.experiment_id, a.attempt, path, step),
+                              # the run process's logging (trainctl.* loggers, INFO+) as LOGGING lines
+                              on_log=lambda text: self.logs.add(a.experiment_id, a.attempt, pb.LOGGING, text))
 
         def on_rows(rows: list[tuple]) -> None:  # batches from the run process (or DDP rank 0)
             self.outbox.add_rows(a.experiment_id, a.attempt, rows)
@@ -289,7 +289,7 @@ class Agent:
                 summary = run_ddp(spec, ctx, on_rows=on_rows)  # rank 0 bridged to this ctx and on_rows
             else:
                 summary = run_in_process(spec, ctx, on_rows)
-            if run.fenced:
+            if inbox.fenced:
                 raise Cancelled(inbox.cancel_reason)
             self.checkpoints.drain(UPLOAD_DRAIN_S)  # while the lease still lets them in
             self._state(run, pb.COMPLETED, summary=summary.as_dict())
@@ -297,7 +297,7 @@ class Agent:
             prune(ckdir, spec.train.keep_checkpoints)  # train.keep_checkpoints: 0 = none kept
             log.info("%s completed: %d steps, val_top1 %.4f", ids, summary.steps, summary.val_top1)
         except Cancelled as exc:
-            if run.fenced:  # its process is gone; what it wrote may be past what the store holds
+            if inbox.fenced:  # its process is gone; what it wrote may be past what the store holds
                 gone = forget_attempt(ckdir, a.attempt)
                 log.warning("%s fenced: stopped, unsent metrics dropped, %d checkpoint(s) removed", ids, len(gone))
             elif self.stopping.is_set():  # SIGTERM: hand the run back, it resumes elsewhere

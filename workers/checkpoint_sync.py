@@ -21,7 +21,6 @@ share a GIL with the loop, and the loop never waits for the network):
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections import deque
@@ -35,23 +34,16 @@ from trainctl import artifact_io
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
+from trainctl.workers.engine.checkpoint import NAME_RE, checkpoint_name
 
 log = logging.getLogger(__name__)
 
-# The engine's own file names (engine/checkpoint.py): anything else from the server
-# is not put on disk (it would never be resumed, and a name is a path component).
-_NAME = re.compile(r"^ckpt-(\d+)-a(\d+)\.pt$")
 # Worth another try: the server or the network, not the request.
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED,
               grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.ABORTED}
-WORKER_ID_METADATA = "trainctl-worker-id"  # as server/artifacts/service.py reads it
 UPLOAD_TRIES = 6
 FETCH_TRIES = 3
 TRANSFER_TIMEOUT_S = 600.0
-
-
-def checkpoint_name(step: int, attempt: int) -> str:
-    return f"ckpt-{step}-a{attempt}.pt"
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class CheckpointSync:
         self._server = server
         # The worker names its Connect session: the server lets a checkpoint in only from
         # the session that holds that run's lease at that attempt.
-        self._metadata = (*(auth_metadata(token) or ()), (WORKER_ID_METADATA, worker_id))
+        self._metadata = (*(auth_metadata(token) or ()), (artifact_io.WORKER_ID_METADATA, worker_id))
         self._channel_factory = channel_factory
         self._backoff_s = backoff_s
         self._stub = None
@@ -105,8 +97,9 @@ class CheckpointSync:
 
     def _fetch(self, a: pb.Assignment, directory: Path, note: Callable[[str], None]) -> Optional[Path]:
         ck = a.checkpoint
-        m = _NAME.match(ck.name)
-        if m is None or (ck.experiment_id and ck.experiment_id != a.experiment_id):
+        # Only the engine's own file names (NAME_RE) go on disk: anything else would never
+        # be resumed, and a name is a path component.
+        if not NAME_RE.match(ck.name) or (ck.experiment_id and ck.experiment_id != a.experiment_id):
             note(f"checkpoint {ck.name[:80]!r} of experiment {ck.experiment_id} offered by the server not used: "
                  f"not a checkpoint of this experiment")
             return None

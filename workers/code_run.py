@@ -96,7 +96,6 @@ class CodeRun:
         self.experiment_id = a.experiment_id
         self.attempt = a.attempt
         self.inbox = CodeInbox()
-        self.fenced = False
         self.started = False
         self.notes: list[str] = []
         self.endpoint = None
@@ -183,32 +182,24 @@ def command_env(job_env: dict[str, str], sdk_env: dict[str, str]) -> dict[str, s
 
 
 def _endpoint(agent, a: pb.Assignment):
-    """The local endpoint the command's SDK talks to (workers/local_endpoint.py); None
-    where it cannot start: the command then runs without the SDK wiring."""
-    try:
-        from trainctl.workers.local_endpoint import LocalEndpoint
-    except ImportError:
-        return None
-    endpoint = LocalEndpoint(agent, a)
-    start = getattr(endpoint, "start", None)
-    if start is not None:
-        start()
-    return endpoint
+    """The local endpoint the command's SDK talks to (workers/local_endpoint.py), started."""
+    from trainctl.workers.local_endpoint import LocalEndpoint
+
+    return LocalEndpoint(agent, a).start()
 
 
 class _Output:
-    """Each line to the agent's log shipper (when it has one) and the last lines of each
+    """Each line to the agent's log shipper and the last lines of each
     stream kept here for a FAILED message. Called from the two reader threads."""
 
     def __init__(self, agent, a: pb.Assignment):
-        self.shipper = getattr(agent, "logs", None)
+        self.shipper = agent.logs
         self.ids = (a.experiment_id, a.attempt)
         self.stdout: deque[str] = deque(maxlen=TAIL_LINES)
         self.stderr: deque[str] = deque(maxlen=TAIL_LINES)
 
     def _ship(self, stream: int, text: str) -> None:
-        if self.shipper is not None:
-            self.shipper.add(*self.ids, stream, text)
+        self.shipper.add(*self.ids, stream, text)
 
     def out(self, text: str) -> None:
         self.stdout.append(text)
@@ -277,9 +268,8 @@ def run_code(agent, a: pb.Assignment) -> None:
             else:
                 src.mkdir(parents=True, exist_ok=True)
             run.endpoint = agent.endpoint = _endpoint(agent, a)  # the agent relays this run's controls to it
-            sdk_env = run.endpoint.env() if run.endpoint is not None else {}
             out.system(f"$ {job.command}")
-            group = ProcessGroup(job.command, cwd=str(src), env=command_env(job.env, sdk_env),
+            group = ProcessGroup(job.command, cwd=str(src), env=command_env(job.env, run.endpoint.env()),
                                  memory_bytes=int(memory_gb * 2**30) if memory_gb else None,
                                  on_stdout=out.out, on_stderr=out.err)
             inbox.kill = group.kill
@@ -316,7 +306,7 @@ def run_code(agent, a: pb.Assignment) -> None:
 
 
 def _fail(agent, run: CodeRun, message: str, ids: str) -> None:
-    if run.fenced or run.inbox.fenced:
+    if run.inbox.fenced:
         log.warning("%s fenced", ids)
         return
     log.warning("%s failed: %s", ids, message)
@@ -328,7 +318,7 @@ def _report(agent, run: CodeRun, rc: Optional[int], stopped: bool, out: _Output,
     """The final state. A command that ended on its own is judged by its exit status even
     when a cancel came in just after (the cancel found nothing left to stop)."""
     inbox = run.inbox
-    if run.fenced or inbox.fenced:  # its processes are gone; the server gave the run to another
+    if inbox.fenced:  # its processes are gone; the server gave the run to another
         log.warning("%s fenced: its process group killed, unsent data dropped", ids)
     elif not stopped:
         _judge(agent, run, rc, out, memory_gb, ids)
@@ -342,8 +332,8 @@ def _report(agent, run: CodeRun, rc: Optional[int], stopped: bool, out: _Output,
 
 def _judge(agent, run: CodeRun, rc: int, out: _Output, memory_gb: Optional[float], ids: str) -> None:
     if rc == 0:
-        final = getattr(run.endpoint, "final_state", None)
-        summary = dict(final.summary) if final is not None and getattr(final, "summary", None) else None
+        final = run.endpoint.final_state
+        summary = dict(final.summary) if final is not None and final.summary else None
         agent._state(run, pb.COMPLETED, summary=summary)
         log.info("%s completed", ids)
     else:

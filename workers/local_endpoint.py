@@ -265,8 +265,7 @@ class LocalEndpoint:
     def _progress(self, step: int) -> None:
         self.step = max(self.step, step)
         run = self.agent.current  # the agent's heartbeat reports the current run's step
-        if run is not None and (getattr(run, "experiment_id", None), getattr(run, "attempt", None)) == (
-                self.experiment_id, self.attempt) and step > getattr(run, "step", 0):
+        if run is not None and self._mine(run.experiment_id, run.attempt) and step > run.step:
             run.step = step
 
     # ------------------------------------------------------------------ upstream (artifacts)

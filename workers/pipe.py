@@ -92,7 +92,7 @@ ToRun = Union[Control, Cancel, Ping]
 
 def relay(msg, ctx, on_rows) -> bool:
     """Hand a run-side message to the agent's context: rows to `on_rows`, acks to the
-    inbox, progress and notes to their callbacks. False for a message it does not relay
+    inbox, progress, notes, checkpoints and log lines to their callbacks. False for a message it does not relay
     (Done, or something unknown), which the caller handles."""
     if isinstance(msg, Rows):
         on_rows(msg.rows)
@@ -105,9 +105,7 @@ def relay(msg, ctx, on_rows) -> bool:
     elif isinstance(msg, Checkpointed):
         ctx.on_checkpoint(msg.path, msg.step)
     elif isinstance(msg, LogText):
-        on_log = getattr(ctx, "on_log", None)  # set by the agent (DDP's bridge does not ship logs)
-        if on_log is not None:
-            on_log(msg.text)
+        ctx.on_log(msg.text)
     else:
         return False
     return True

@@ -22,8 +22,6 @@ log = logging.getLogger(__name__)
 
 
 def report_devices(conn) -> None:
-    import os
-
     import torch
 
     if torch.cuda.is_available():

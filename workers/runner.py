@@ -112,24 +112,23 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[Row]], No
             except OSError:
                 pass  # the run process is gone; its exit is reported below
 
-    waiting = ctx.inbox.attach(send)
+    inbox: ForwardingInbox = ctx.inbox
+    waiting = inbox.attach(send)
     proc = mp.Process(target=run_main, args=(there, spec.to_dict(), waiting, ctx.checkpoint_dir, ctx.lineage),
                       name="trainctl-run")
     proc.start()
     there.close()
-    fenced = lambda: getattr(ctx.inbox, "fenced", False)  # noqa: E731
-    if hasattr(ctx.inbox, "kill"):
-        ctx.inbox.kill = proc.kill
-    if fenced():  # fenced while it started
+    inbox.kill = proc.kill
+    if inbox.fenced:  # fenced while it started
         proc.kill()
     cancel_sent = False
     outcome = None
     ended = False  # its end of the pipe closed: it exited or is dying
     pinged = 0.0
     try:
-        while outcome is None and not fenced():
-            if ctx.inbox.cancelled and not cancel_sent:  # set by SIGTERM or the server
-                send(Cancel(ctx.inbox.cancel_reason))
+        while outcome is None and not inbox.fenced:
+            if inbox.cancelled and not cancel_sent:  # set by SIGTERM or the server
+                send(Cancel(inbox.cancel_reason))
                 cancel_sent = True
             if time.monotonic() - pinged >= PING_S:
                 pinged = time.monotonic()
@@ -141,7 +140,7 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[Row]], No
             except (EOFError, OSError):  # OSError: reset, when it died with our pings unread
                 ended = True
                 break
-            if fenced():
+            if inbox.fenced:
                 break  # nothing more of it is delivered
             if relay(msg, ctx, on_rows):
                 continue
@@ -152,15 +151,14 @@ def run_in_process(spec, ctx: TrainingContext, on_rows: Callable[[list[Row]], No
     finally:
         # Done or dying: let it exit (its exit code names the signal). Anything else is
         # an error on this side, leaving through here: do not leave it training.
-        proc.join(10 if (outcome is not None or ended) and not fenced() else 0)
+        proc.join(10 if (outcome is not None or ended) and not inbox.fenced else 0)
         if proc.is_alive():
             proc.kill()
             proc.join()
-        if hasattr(ctx.inbox, "kill"):
-            ctx.inbox.kill = None
+        inbox.kill = None
         here.close()
-    if fenced():
-        raise Cancelled(ctx.inbox.cancel_reason)
+    if inbox.fenced:
+        raise Cancelled(inbox.cancel_reason)
     if outcome is None:
         raise TrainingError(f"the training process died: {_exit_text(proc.exitcode)}")
     if outcome.outcome == "completed":

@@ -124,10 +124,22 @@ class BlobStore(ABC):
     def size(self, digest: str) -> int:
         """Bytes of the blob; BlobMissing if absent."""
 
-    @abstractmethod
     def read(self, digest: str, offset: int = 0) -> Iterator[bytes]:
         """The blob's bytes from `offset`, in chunks of at most CHUNK; BlobMissing if absent
         (raised on the first next())."""
+        try:
+            f = self._open(digest)
+        except FileNotFoundError:
+            raise BlobMissing(digest) from None
+        with f:
+            if offset:
+                f.seek(offset)
+            while block := f.read(CHUNK):
+                yield block
+
+    @abstractmethod
+    def _open(self, digest: str):
+        """The blob opened for binary reading; FileNotFoundError if absent."""
 
     @abstractmethod
     def delete(self, digest: str) -> int:

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from .base import CHUNK, TEMP_MAX_AGE_S, BlobMissing, BlobStore, BlobWriter, HashOnly, StoreFull, is_full
+from .base import TEMP_MAX_AGE_S, BlobMissing, BlobStore, BlobWriter, HashOnly, StoreFull, is_full
 
 
 class _FileWriter(BlobWriter):
@@ -101,16 +101,8 @@ class LocalBlobStore(BlobStore):
         except FileNotFoundError:
             raise BlobMissing(digest) from None
 
-    def read(self, digest: str, offset: int = 0) -> Iterator[bytes]:
-        try:
-            f = open(self.path(digest), "rb")
-        except FileNotFoundError:
-            raise BlobMissing(digest) from None
-        with f:
-            if offset:
-                f.seek(offset)
-            while block := f.read(CHUNK):
-                yield block
+    def _open(self, digest: str):
+        return open(self.path(digest), "rb")
 
     def delete(self, digest: str) -> int:
         p = self.path(digest)

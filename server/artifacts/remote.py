@@ -120,16 +120,8 @@ class FsspecBlobStore(BlobStore):
         except FileNotFoundError:
             raise BlobMissing(digest) from None
 
-    def read(self, digest: str, offset: int = 0) -> Iterator[bytes]:
-        try:
-            f = self.fs.open(self.path(digest), "rb", block_size=4 * CHUNK)
-        except FileNotFoundError:
-            raise BlobMissing(digest) from None
-        with f:
-            if offset:
-                f.seek(offset)
-            while block := f.read(CHUNK):
-                yield block
+    def _open(self, digest: str):
+        return self.fs.open(self.path(digest), "rb", block_size=4 * CHUNK)
 
     def delete(self, digest: str) -> int:
         try:

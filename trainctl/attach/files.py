@@ -31,6 +31,7 @@ from typing import Any, Optional
 import grpc
 
 from trainctl import artifact_io
+from trainctl.attach.run import _at_step
 from trainctl.transport import auth_metadata, open_channel
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
@@ -228,11 +229,11 @@ class Files:
         run = self.run
         run._session.wait_attached(10.0)
         for q in (run._due, run._incoming):
-            keep = [c for c in q if not (isinstance(c, pb.ControlRecord) and _at(c) < next_step)]
+            keep = [c for c in q if not (isinstance(c, pb.ControlRecord) and _at_step(c) < next_step)]
             q.clear()
             q.extend(keep)
-        run._waiting = [c for c in run._waiting if _at(c) >= next_step]
-        run._next_replayed = min((_at(c) for c in run._waiting), default=float("inf"))
+        run._waiting = [c for c in run._waiting if _at_step(c) >= next_step]
+        run._next_replayed = min((_at_step(c) for c in run._waiting), default=float("inf"))
 
     # ------------------------------------------------------------------ the uploader
     def _upload_forever(self) -> None:
@@ -346,10 +347,6 @@ def _rows_first(outbox, stop: threading.Event) -> None:
     deadline = time.monotonic() + ROWS_FIRST_S
     while outbox.pending() and time.monotonic() < deadline and not stop.is_set():
         time.sleep(0.02)
-
-
-def _at(rec) -> int:
-    return rec.at_step if rec.HasField("at_step") else rec.applied_step
 
 
 def _check_name(name: str) -> str:

@@ -23,11 +23,11 @@ import logging
 import math
 from typing import Iterator, Optional
 
+from trainctl.outbox import MAX_ROWS_PER_BATCH
 from trainctl.v1 import trainctl_pb2 as pb
 
 log = logging.getLogger("trainctl.attach")
 
-MAX_ROWS_PER_BATCH = 2000
 _NAN = math.nan
 _warned: set[str] = set()
 

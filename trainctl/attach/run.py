@@ -222,7 +222,7 @@ class Run:
     @property
     def resumed(self) -> bool:
         """True in a restarted attempt of a submitted command (attempt > 1)."""
-        return int(getattr(self._session, "attempt", 0) or os.environ.get("TRAINCTL_ATTEMPT") or 1) > 1
+        return self._files.attempt() > 1
 
     @property
     def checkpoint_dir(self):
@@ -259,9 +259,7 @@ class Run:
         if self._finished:
             return self.undelivered
         self._finished = True
-        if self._row:
-            self._rows.append((_STEP, self._step, self._epoch, self._row_time, self._row))
-            self._row = {}
+        self._seal_row()
         # Files first: the run's lease (or run token) still lets them in before the final state.
         deadline = time.monotonic() + timeout
         files = self.__dict__.get("_files_obj")

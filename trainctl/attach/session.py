@@ -203,7 +203,7 @@ class Session:
     def _hello(self) -> pb.WorkerMessage:
         hello = pb.Hello(worker_id=self.attached.worker_id, hostname=socket.gethostname(), version="0.1.0",
                          run_token=self.attached.run_token,
-                         current=pb.Heartbeat(experiment_id=self.experiment_id, attempt=self.attempt, step=self._step()))
+                         current=self._heartbeat())
         return pb.WorkerMessage(hello=hello)
 
     def _heartbeat(self) -> pb.Heartbeat:
@@ -329,7 +329,6 @@ class Session:
         self.outbox.unacked.forget(self.experiment_id, self.attempt)  # removes the spill file
         self.pre.drop()
         return missing
-
 
     def _confirmed(self, state: int, deadline: float) -> bool:
         """Poll Get until the server has the run in `state` (or `deadline`). A server that

@@ -49,12 +49,7 @@ class Knob:
         return f"Knob({self.name!r}, {self.value!r}, low={self.low!r}, high={self.high!r})"
 
     def as_pb(self) -> pb.Knob:
-        k = pb.Knob(name=self.name, value=self.value)
-        if self.low is not None:
-            k.low = self.low
-        if self.high is not None:
-            k.high = self.high
-        return k
+        return pb.Knob(name=self.name, value=self.value, low=self.low, high=self.high)  # None: unset
 
 
 def _check_knob(name: str, value: float, low: Optional[float], high: Optional[float]) -> None:

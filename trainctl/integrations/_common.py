@@ -36,8 +36,9 @@ def scalars(metrics: Mapping[str, Any], skip=()) -> dict:
 
 
 def one_line(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:500]
+    from trainctl.attach.run import _one_line  # the reason a run's own __exit__ gives
+
+    return _one_line(type(exc), exc)
 
 
 class RunOwner:

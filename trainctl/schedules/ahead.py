@@ -14,10 +14,11 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from trainctl.controls import SCHEDULE_VERBS
+
 from .base import Schedule
 
 EXACT_STEPS = 20_000
-LR_VERBS = ("set_lr", "scale_lr", "set_lr_decay")
 
 
 def fmt(v: float) -> str:
@@ -76,7 +77,7 @@ def next_decay(schedule: Schedule, step: int) -> Optional[int]:
 def consequence(schedule: Schedule, step: int, verb: str) -> str:
     """What ``verb``, just applied at ``step``, means for the rest of the run ('' for
     verbs that do not touch the LR schedule)."""
-    if verb not in LR_VERBS:
+    if verb not in SCHEDULE_VERBS:
         return ""
     last = schedule.total_steps - 1
     if step > last:

@@ -35,7 +35,11 @@ from trainctl.workers.engine.context import Lineage
 log = logging.getLogger(__name__)
 
 KEEP_WHILE_TRAINING = 3  # newest checkpoints kept as resume points (more if the spec keeps more)
-_NAME = re.compile(r"^ckpt-(\d+)-a(\d+)\.pt$")
+NAME_RE = re.compile(r"^ckpt-(\d+)-a(\d+)\.pt$")  # what checkpoint_name() makes
+
+
+def checkpoint_name(step: int, attempt: int) -> str:
+    return f"ckpt-{step}-a{attempt}.pt"
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,7 @@ def list_checkpoints(directory: Path) -> list[Found]:
     out = []
     if directory.is_dir():
         for p in directory.iterdir():
-            m = _NAME.match(p.name)
+            m = NAME_RE.match(p.name)
             if m:
                 out.append(Found(p, int(m.group(1)), int(m.group(2))))
     return sorted(out, key=lambda f: (f.step, f.attempt), reverse=True)
@@ -128,7 +132,7 @@ def save_checkpoint(directory: Path, state: dict[str, Any], lineage: Optional[Li
 
     directory.mkdir(parents=True, exist_ok=True)
     lin = lineage or Lineage()
-    path = directory / f"ckpt-{state['step']}-a{lin.attempt}.pt"
+    path = directory / checkpoint_name(state["step"], lin.attempt)
     tmp = path.with_suffix(".tmp")
     record = {"store_id": lin.store_id, "experiment_id": lin.experiment_id, "attempt": lin.attempt,
               "step": state["step"], "epoch": state["epoch"]}

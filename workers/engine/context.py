@@ -188,3 +188,6 @@ class TrainingContext:
     # Called with (path, step) once a checkpoint file is complete (renamed into place):
     # the agent uploads it to the artifact store so a run resumes on another box.
     on_checkpoint: Callable[[str, int], None] = lambda path, step: None
+    # Called with each line of the run process's logging (workers/pipe.py LogText): the
+    # agent ships it as the run's LOGGING output. DDP's ranks send none.
+    on_log: Callable[[str], None] = lambda text: None

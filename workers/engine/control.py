@@ -31,7 +31,7 @@ class ControlTargets:
 
 
 def apply_command(cmd: Command, step: int, t: ControlTargets) -> Ack:
-    hold = bool(getattr(cmd, "hold", False))
+    hold = cmd.hold
     try:
         check_control_value(cmd.verb, cmd.value)
         check_hold(cmd.verb, hold)
