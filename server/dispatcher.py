@@ -72,10 +72,18 @@ class WorkerSession:
         key = (experiment_id, attempt)
         self._acks[key] = max(seq, self._acks.get(key, 0))
 
-    def _send_acks(self) -> None:
+    def ack_final(self, experiment_id: int, attempt: int) -> None:
+        """The run's final state is stored: its pending acks go now, not ACK_DELAY_S
+        later, the run's with `final` set (its sender waits for that to finish)."""
+        self._send_acks(final=(experiment_id, attempt))
+
+    def _send_acks(self, final: Optional[tuple[int, int]] = None) -> None:
         acks, self._acks = self._acks, {}
+        if final is not None:
+            acks.setdefault(final, 0)  # seq 0: no batch since the last ack
         for (experiment_id, attempt), seq in acks.items():
-            self.send(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=experiment_id, attempt=attempt, seq=seq)))
+            self.send(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=experiment_id, attempt=attempt, seq=seq,
+                                                             final=(experiment_id, attempt) == final)))
 
     def close(self) -> None:
         self.outbox.put_nowait(None)

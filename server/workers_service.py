@@ -19,6 +19,7 @@ import asyncio
 import logging
 import math
 import time
+from typing import Optional
 
 import grpc
 
@@ -112,6 +113,12 @@ class WorkersService(pb_grpc.WorkersServicer):
             log.info("worker %s left", hello.worker_id)
 
     async def _read(self, request_iterator, session: WorkerSession) -> None:
+        # A metric batch is written while the stream reads on (at most one at a time, so
+        # at most one more is held in memory): a control ack or a heartbeat read meanwhile
+        # is handled at once instead of after a second-long batch's write (that wait was
+        # the tail of set-lr's latency). Anything else waits for the batch first, so
+        # states, knobs and logs keep their stream order relative to metrics.
+        writing: Optional[asyncio.Task] = None
         try:
             async for msg in request_iterator:
                 session.suspect = False
@@ -119,16 +126,23 @@ class WorkersService(pb_grpc.WorkersServicer):
                 kind = msg.WhichOneof("msg")
                 if kind == "heartbeat":
                     self._on_heartbeat(session, msg.heartbeat)
-                elif kind == "metrics":
-                    await self._on_metrics(session, msg.metrics)
+                    continue
+                if kind == "ack":
+                    await self._on_ack(session, msg.ack)
+                    continue
+                if writing is not None:
+                    await writing
+                    writing = None
+                if kind == "metrics":
+                    writing = asyncio.create_task(self._on_metrics(session, msg.metrics))
                 elif kind == "state":
                     await self._on_state(session, msg.state)
-                elif kind == "ack":
-                    await self._on_ack(session, msg.ack)
                 elif kind == "knobs":
                     await self._on_knobs(session, msg.knobs)
                 elif kind == "logs":
                     await self._on_logs(session, msg.logs)
+            if writing is not None:  # the stream ended: its last batch is still stored and acked
+                await writing
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -220,6 +234,7 @@ class WorkersService(pb_grpc.WorkersServicer):
                  f": {x.message}" if x.message else "")
         if x.is_final:
             self.dispatcher.release(st.experiment_id, st.attempt)
+            session.ack_final(st.experiment_id, st.attempt)
         await self.live.run_changed(x)
 
     async def _on_hand_back(self, session: WorkerSession, st: pb.StateUpdate) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import types
 
 import grpc
@@ -13,6 +14,7 @@ from tests.scripted import RunningServer, in_loop
 from trainctl.server.app import ServerConfig, create_server
 from trainctl.attach import run as run_mod
 from trainctl.attach import session as session_mod
+from trainctl.server.experiments_service import ExperimentsService
 from trainctl.server.workers_service import WorkersService
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as real_grpc
@@ -87,6 +89,27 @@ async def test_an_attach_whose_reply_was_lost_makes_one_run_and_every_row_arrive
         assert [x.id for x in xs] == [r.id]  # one run, not two
         assert xs[0].state == "COMPLETED"
         assert await srv.db(srv.store.delivered, r.id) == (50, 0)  # every row
+
+
+@in_loop
+async def test_finish_is_confirmed_by_the_servers_final_ack_without_a_get(tmp_path, monkeypatch):
+    """The final state's BatchAck.final is the confirmation: finish() neither polls Get
+    (a run token may not be allowed to) nor waits the server's ack delay."""
+    async def no_get(self, request, context):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "Get is down in this test")
+
+    monkeypatch.setattr(ExperimentsService, "Get", no_get)
+    async with _serve(tmp_path, lease_timeout=30.0) as (srv, address):
+        r = run_mod.Run(name="final-ack", server=address, spill_dir=str(tmp_path))
+        for i in range(50):
+            r.step()
+            r.log(loss=float(i))
+        await _until(lambda: r.id)
+        t0 = time.monotonic()
+        assert await asyncio.to_thread(r.finish, timeout=20) == []
+        assert time.monotonic() - t0 < 10  # (not a timing target: without the ack it waits out the 20 s)
+        x = await srv.db(srv.store.get_experiment, r.id)
+        assert x.state == "COMPLETED" and await srv.db(srv.store.count_metrics, r.id) == 50
 
 
 @in_loop

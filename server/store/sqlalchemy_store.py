@@ -3,8 +3,9 @@
 Concurrency model
 -----------------
 The gRPC server calls the store from many threads. On SQLite there is one writer at a
-time anyway, so writes are serialised in-process by a lock (no thread ever waits on
-SQLITE_BUSY) and every write transaction starts with `BEGIN IMMEDIATE`, which takes the
+time anyway, so writes are serialised in-process by a first-come lock (writelock.py;
+no thread ever waits on SQLITE_BUSY, and a long metrics write commits in parts while a
+short write waits) and every write transaction starts with `BEGIN IMMEDIATE`, which takes the
 database's write lock up front: a transaction that reads then writes (claim_next) can
 never have its snapshot overtaken by another process's write, and busy_timeout queues
 writers from other processes. WAL mode lets readers run next to that writer, each in a
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-import threading
 import time
 from collections.abc import Iterator
 
@@ -47,6 +47,7 @@ from .errors import InvalidTransition, NotFound, StaleAttempt, StoreUnavailable
 from .migrate import upgrade_to_head
 from .tables import ExperimentModel, ExperimentTagModel, MetaModel, WorkerModel
 from .tags import MAX_TAGS, check_note, check_tags
+from .writelock import FairLock, NoLock
 
 # Legal worker-driven moves; requeue and cancel have their own rules.
 _TRANSITIONS = {
@@ -66,11 +67,11 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, ArtifactsMixin, LogsMixin, Metr
         self._write_engine = self._engine.execution_options(trainctl_write=True)
 
         if self._dialect == "sqlite":
-            self._write_lock = threading.Lock()
+            self._write_lock = FairLock()
             # One shared in-memory connection must not be used by two threads at once.
             self._read_lock = self._write_lock if in_memory else contextlib.nullcontext()
         else:
-            self._write_lock = self._read_lock = contextlib.nullcontext()
+            self._write_lock = self._read_lock = NoLock()
 
         self._init_metrics()  # the compiled metrics upsert and the rollup (metrics.py)
         # Driver errors that mean "the database cannot be reached or written now" (locked,

@@ -111,6 +111,7 @@ class Session:
         self._connected = threading.Event()
         self._running_sent = False
         self._final_sent = False
+        self._final_stored = False   # the server said so (BatchAck.final)
         self._complete_at_fence = False
         self._said_unreachable = False
         self._threads = [threading.Thread(target=self._connect_forever, name="trainctl-attach", daemon=True),
@@ -259,6 +260,8 @@ class Session:
             self._connected.set()
         elif kind == "batch_ack":
             a = msg.batch_ack
+            if a.final and (a.experiment_id, a.attempt) == (self.experiment_id, self.attempt):
+                self._final_stored = True  # before the ack empties the outbox: finish() reads both
             self.outbox.acked(a.experiment_id, a.attempt, a.seq)
         elif kind in ("control", "cancel"):
             body = getattr(msg, kind)
@@ -305,14 +308,17 @@ class Session:
         self._final_sent = True
         self.send(pb.WorkerMessage(state=pb.StateUpdate(experiment_id=self.experiment_id, attempt=self.attempt,
                                                         state=state, message=message)), sticky=True)
+        # Short polls: a script's end waits for this. The server acks at once after a final
+        # state, with BatchAck.final: everything is stored.
         while time.monotonic() < deadline and self.experiment_id and not self.fenced and not self.gave_up:
-            if self._connected.is_set() and self.outbox.pending() == 0:
+            if self._final_stored or (self._connected.is_set() and self.outbox.pending() == 0):
                 break
-            time.sleep(0.02)
+            time.sleep(0.005)
         drained = self.experiment_id and not self.fenced and self._connected.is_set() and self.outbox.pending() == 0
-        # Out of the outbox is not stored: the final state counts as delivered once the
-        # server reports it (its metrics were acked before it, in stream order).
-        delivered = self._complete_at_fence or (drained and self._confirmed(state, deadline))
+        # Out of the outbox is not stored: without the final ack (nothing was pending, so
+        # the loop above ended before it came) the final state counts as delivered once
+        # the server reports it (its metrics were acked before it, in stream order).
+        delivered = self._final_stored or self._complete_at_fence or (drained and self._confirmed(state, deadline))
         self.stopping.set()
         stop = self._stream_stop
         if stop is not None:
@@ -339,6 +345,8 @@ class Session:
             stub = pb_grpc.ExperimentsStub(channel)
             while True:
                 left = deadline - time.monotonic()
+                if self._final_stored:
+                    return True
                 try:
                     x = stub.Get(pb.GetRequest(id=self.experiment_id), metadata=auth_metadata(self.token),
                                  timeout=max(0.5, left))
@@ -351,9 +359,9 @@ class Session:
                 except grpc.RpcError as exc:
                     if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                         return True
-                if left <= 0.05:
+                if left <= 0.01:
                     return False
-                time.sleep(0.05)
+                time.sleep(0.01)
         finally:
             channel.close()
 

@@ -697,14 +697,16 @@ class CancelRun(_message.Message):
     def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., reason: _Optional[str] = ..., kind: _Optional[_Union[StopReason, str]] = ...) -> None: ...
 
 class BatchAck(_message.Message):
-    __slots__ = ("experiment_id", "attempt", "seq")
+    __slots__ = ("experiment_id", "attempt", "seq", "final")
     EXPERIMENT_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
     experiment_id: int
     attempt: int
     seq: int
-    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
+    final: bool
+    def __init__(self, experiment_id: _Optional[int] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
     __slots__ = ("welcome", "assignment", "control", "cancel", "batch_ack", "log_ack")

@@ -1,0 +1,140 @@
+"""A short write (a control command, its ack) never waits behind a whole large metric
+batch: the store's first-come write lock, a batch committed in parts while another
+write waits, and the Workers stream handling an ack while a batch is being written.
+In-process, real SQLite file, real gRPC loopback; seconds."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from trainctl.server.store import ControlRecord
+from trainctl.server.store.metrics import WRITE_PART
+from trainctl.server.store.sqlalchemy_store import SqlAlchemyStore
+from trainctl.server.store.writelock import FairLock
+from trainctl.v1 import trainctl_pb2 as pb
+
+from tests.scripted import in_loop, running_server
+
+NAMES = ("a", "b", "c", "d")
+STEPS = 25_000  # 100,000 points: a few hundred ms of SQLite work, ~100 parts
+
+
+def _rows(steps):
+    return [(s, 0, 1.0, [float(s % 97), 1.0, 2.0, 3.0]) for s in steps]
+
+
+def test_fair_lock_serves_waiters_in_arrival_order():
+    lock = FairLock()
+    order: list[str] = []
+    lock.acquire()
+    assert not lock.waiting()
+
+    def take(name):
+        with lock:
+            order.append(name)
+
+    threads = []
+    for name in "bcd":
+        t = threading.Thread(target=take, args=(name,))
+        t.start()
+        threads.append(t)
+        deadline = time.monotonic() + 5
+        while len(lock._waiters) < len(threads) and time.monotonic() < deadline:
+            time.sleep(0.001)  # each queues before the next starts
+    assert lock.waiting()
+    order.append("a")
+    # The holder lets go and asks again at once: the waiters are served first.
+    lock.release()
+    take("a again")
+    for t in threads:
+        t.join(5)
+    assert order == ["a", "b", "c", "d", "a again"]
+    assert not lock.waiting() and not lock._held
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = SqlAlchemyStore(f"sqlite:///{tmp_path / 'trainctl.db'}")
+    yield s
+    s.close()
+
+
+def test_a_waiting_write_goes_between_the_parts_of_a_long_metric_write(store):
+    x = store.create_attached("run", {}, session_suffix="s", run_token_hash="h")
+    done = threading.Event()
+    big = threading.Thread(target=lambda: (store.add_metrics(x.id, 1, "STEP", NAMES, _rows(range(STEPS))),
+                                           done.set()))
+    big.start()
+    deadline = time.monotonic() + 10
+    while not store._write_lock._held and time.monotonic() < deadline:
+        time.sleep(0.0005)
+    store.add_control(ControlRecord("cmd", x.id, "SET_LR", 0.01))  # waits for one part at most
+    stored_then = store.count_metrics(x.id)
+    assert not done.is_set(), "the control write waited for the whole batch"
+    big.join(30)
+    assert done.is_set()
+    # Committed in parts, but nothing lost and the rollup agrees with the raw points.
+    assert WRITE_PART <= stored_then < 4 * STEPS
+    assert store.count_metrics(x.id) == 4 * STEPS
+    raw = {s.name: s for s in store.get_metrics(x.id)}
+    assert raw["a"].steps == list(range(STEPS))
+    down, total = store.get_metrics_downsampled(x.id, 500, names=["a"])
+    assert total == STEPS and max(down[0].values) == 96.0 and min(down[0].values) == 0.0
+    assert store.get_experiment(x.id).last_step == STEPS - 1
+
+
+def test_an_uncontended_metric_write_is_one_transaction(store):
+    """Parts commit only when someone waits: alone, a batch is all or nothing (a
+    refused batch stores none of its rows)."""
+    x = store.create_attached("run", {}, session_suffix="s", run_token_hash="h")
+    store.add_metrics(x.id, 1, "STEP", NAMES, _rows(range(10)))
+    from trainctl.server.store.errors import StaleAttempt
+    with pytest.raises(StaleAttempt):
+        store.add_metrics(x.id, 2, "STEP", NAMES, _rows(range(10, STEPS)))
+    assert store.count_metrics(x.id) == 40
+
+
+@in_loop
+async def test_a_control_ack_is_handled_while_a_large_batch_is_being_written(tmp_path):
+    async with running_server(tmp_path, lease_timeout=30.0) as srv:
+        x = await srv.db(srv.store.create_experiment, "x", {"name": "x"})
+        srv.dispatcher.kick()
+        w = await srv.worker("w1")
+        a = await w.expect("assignment")
+        w.state(x.id, a.attempt, pb.RUNNING)
+        await srv.until(lambda: srv.store.get_experiment(x.id).state == "RUNNING", what="RUNNING")
+        await srv.db(srv.store.add_control, ControlRecord("cmd", x.id, "SET_LR", 0.01))
+        waiter = srv.live.expect_control(x.id, "cmd")
+        w.metrics(x.id, a.attempt, 1, range(STEPS), names=NAMES)
+        w.send(ack=pb.ControlAck(experiment_id=x.id, attempt=a.attempt, command_id="cmd", ok=True,
+                                 applied_step=7, old_value=0.1, new_value=0.01))
+        rec = await srv.live.wait_control(x.id, "cmd", waiter, 20)
+        stored_then = srv.store.count_metrics(x.id)  # (a read: WAL lets it run beside the writer)
+        assert rec.status == "APPLIED" and rec.applied_step == 7
+        assert stored_then < 4 * STEPS, "the ack waited for the whole batch before it"
+        ack = await w.expect("batch_ack", timeout=30)
+        assert ack.seq == 1
+        assert await srv.db(srv.store.count_metrics, x.id) == 4 * STEPS
+
+
+@in_loop
+async def test_a_final_state_waits_for_the_batch_before_it_and_its_ack_comes_at_once(tmp_path):
+    """States keep their stream order behind metrics (a COMPLETED run has all its rows),
+    and the batch acks are not held back after a final state (an SDK's finish() waits
+    for them)."""
+    async with running_server(tmp_path, lease_timeout=30.0) as srv:
+        x = await srv.db(srv.store.create_experiment, "x", {"name": "x"})
+        srv.dispatcher.kick()
+        w = await srv.worker("w1")
+        a = await w.expect("assignment")
+        srv.dispatcher.sessions["w1"].ACK_DELAY_S = 60.0  # acks of batches would wait a minute...
+        w.state(x.id, a.attempt, pb.RUNNING)
+        w.metrics(x.id, a.attempt, 1, range(STEPS), names=NAMES)
+        w.state(x.id, a.attempt, pb.COMPLETED)
+        x = await srv.until(lambda: (y := srv.store.get_experiment(x.id)).state == "COMPLETED" and y,
+                            timeout=30, what="COMPLETED")
+        assert srv.store.count_metrics(x.id) == 4 * STEPS  # every row before the state
+        ack = await w.expect("batch_ack", timeout=5)  # ...but not after a final state
+        assert ack.seq == 1 and ack.final
