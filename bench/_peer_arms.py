@@ -1,155 +1,190 @@
-"""One arm of bench/peers.py, in a fresh process: the user loop with one tool (or none).
+"""One arm of bench/peers.py: the user loop with one tool (or none), in its own process,
+run slice by slice on command. Both ends of that protocol live here: `serve` (the arm's
+process) and `ArmProcess` (the parent's handle on it).
 
-    python bench/_peer_arms.py ARM --steps N --address HOST:PORT --tmp DIR
+    python bench/_peer_arms.py ARM --address HOST:PORT --tmp DIR
 
-Prints one JSON line with steps/s (loop only, and loop + the tool's final flush), the
-loop process's CPU per step, its helper processes' CPU, per-step time stamps (bare and
-trainctl: the outage window is read from them) and the points read back from the tool's
-own store. The trainctl arm first prints {"run_id": N} and waits for a line on stdin
-(the parent starts its watcher meanwhile).
+The arm sets up (model, tool; trainctl attaches), prints {"ready": true, "run_id": ...}
+and then answers one JSON line per command read on stdin:
+
+    run S    S more steps of the loop: {"t": wall s, "thread_cpu": loop thread s, "proc_cpu": process s}
+    mark     totals so far (the parent marks the start of the timed part with it):
+             {"steps", "proc_cpu", "helper_cpu"}
+    finish   the tool's final flush, timed, then the points read back from the tool's own
+             store: {"flush_s", "steps", "proc_cpu", "helper_cpu", "points", ...}; then it exits
+
+"proc_cpu" is the process's CPU (all threads: a tool's in-process work counts) and
+"helper_cpu" the CPU of the processes the tool started (its descendants, e.g. W&B's
+service), sampled at mark and around the flush. Tool output goes to the arm's log, never
+to the protocol's stdout.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import queue
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 
-def _cpu_of(procs: dict, pids) -> None:
-    import psutil
-    for pid in pids:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            procs[pid] = t.user + t.system
-        except psutil.Error:
-            pass
+ROOT = Path(__file__).resolve().parent.parent
 
 
+# ---------------------------------------------------------------------- the arm's process
 class _Helpers:
-    """CPU seconds of this process's descendants (a tool's helper processes), sampled
-    every 0.1 s so one that exits at finish still counts (up to its last sample)."""
+    """CPU seconds of this process's descendants (a tool's helper processes). Sampled only
+    between slices (no thread of its own: the bare arm must pay nothing for it); a helper
+    that exits during the flush counts up to its last sample."""
 
     def __init__(self):
         import psutil
-        self.me = psutil.Process()
-        self.cpu: dict = {}
-        self.stop = threading.Event()
-        self.t = threading.Thread(target=self._run, daemon=True)
-        self.t.start()
-
-    def _run(self):
-        while not self.stop.is_set():
-            self.sample()
-            self.stop.wait(0.1)
-
-    def sample(self):
-        try:
-            _cpu_of(self.cpu, [p.pid for p in self.me.children(recursive=True)])
-        except Exception:
-            pass
+        self.me, self.cpu = psutil.Process(), {}
 
     def total(self) -> float:
-        self.sample()
-        self.stop.set()
+        import psutil
+        try:
+            for p in self.me.children(recursive=True):
+                try:
+                    t = p.cpu_times()
+                    self.cpu[p.pid] = max(self.cpu.get(p.pid, 0.0), t.user + t.system)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
         return sum(self.cpu.values())
 
 
-def child(arm: str, steps: int, address: str, tmp: Path) -> dict:
-    import torch
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # peers.py --threads (default 1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
-                                torch.nn.ReLU(), torch.nn.Linear(256, 10))
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    x, y = torch.randn(64, 128), torch.randint(0, 10, (64,))
-    helpers = _Helpers()
-    out: dict = {"arm": arm, "steps": steps}
-    log = finish = None
-    run = None
-    if arm.startswith("trainctl"):
+class Loop:
+    """The user's loop (MLP 128-256-256-10, batch 64, SGD, 4 scalars a step) with one tool."""
+
+    def __init__(self, arm: str, address: str, tmp: Path):
+        import torch
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # peers.py --threads (default 1)
+        torch.manual_seed(0)
+        self.torch, self.arm, self.tmp, self.i = torch, arm, tmp, 0
+        self.model = torch.nn.Sequential(torch.nn.Linear(128, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                         torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.x, self.y = torch.randn(64, 128), torch.randint(0, 10, (64,))
+        self.helpers = _Helpers()
+        self.out: dict = {"arm": arm, "run_id": None}
+        self.run = self.log = self.flush = None
+        getattr(self, "_setup_" + arm.split(":")[0].replace("-", "_"))(address)
+
+    # One setup per tool: sets self.log(i, loss, acc, grad_norm, lr) and self.flush().
+    def _setup_bare(self, address):
+        pass
+
+    def _setup_trainctl(self, address):
         import trainctl
-        if ":" in arm:  # "trainctl:LINGER[:HANDOVER]": other settings, for an A/B in the same rounds
+        if ":" in self.arm:  # "trainctl:LINGER[:HANDOVER]": other settings, for an A/B in the same run
             from trainctl.attach import session
-            settings = arm.split(":")[1:]
+            settings = self.arm.split(":")[1:]
             session.LINGER_S = float(settings[0])
             if len(settings) > 1:
                 session.ACK_HANDOVER_S = float(settings[1])
-        run = trainctl.init(name="bench-peers", server=address, config={"bench": "peers"})
-        run.attach(opt)
-        run._session.wait_attached(30)
-        out["run_id"] = run.id
-        print(json.dumps({"run_id": run.id}), flush=True)  # the parent starts the watcher / pinger
-        sys.stdin.readline()                                  # ... and says go
+        run = self.run = trainctl.init(name="bench-peers", server=address, config={"bench": "peers"})
+        run.attach(self.opt)
+        if not run._session.wait_attached(30):
+            raise RuntimeError(f"not attached to {address} within 30 s")
+        self.out["run_id"] = run.id
+        self.log = lambda i, loss, acc, gn, lr: run.log(loss=loss, acc=acc, grad_norm=gn)  # lr: by the SDK
 
-        def log(i, loss, acc, gn, lr):
-            run.log(loss=loss, acc=acc, grad_norm=gn)  # lr: logged by the SDK itself at step()
+        def flush():
+            self.out["undelivered"] = run.finish(timeout=60)
+        self.flush = flush
 
-        def finish():
-            out["undelivered"] = run.finish(timeout=60)
-    elif arm == "tensorboard":
+    def _setup_tensorboard(self, address):
         from torch.utils.tensorboard import SummaryWriter
-        w = SummaryWriter(str(tmp / "tb"))
+        w = SummaryWriter(str(self.tmp / "tb"))
 
         def log(i, loss, acc, gn, lr):
             w.add_scalar("loss", loss.item(), i), w.add_scalar("acc", acc, i)
             w.add_scalar("grad_norm", gn, i), w.add_scalar("lr", lr, i)
+        self.log, self.flush = log, w.close
 
-        finish = w.close
-    elif arm in ("mlflow", "mlflow-async"):
+    def _setup_mlflow(self, address, sync: bool = True):
         import mlflow
-        mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
+        mlflow.set_tracking_uri(f"sqlite:///{self.tmp / 'mlflow.db'}")
         mlflow.start_run()
-        sync = arm == "mlflow"
+        self.log = lambda i, loss, acc, gn, lr: mlflow.log_metrics(
+            {"loss": loss.item(), "acc": acc, "grad_norm": gn, "lr": lr}, step=i, synchronous=sync)
+        self.flush = mlflow.end_run  # waits for the asynchronous queue to drain
 
-        def log(i, loss, acc, gn, lr):
-            mlflow.log_metrics({"loss": loss.item(), "acc": acc, "grad_norm": gn, "lr": lr}, step=i, synchronous=sync)
+    def _setup_mlflow_async(self, address):
+        self._setup_mlflow(address, sync=False)
 
-        def finish():
-            mlflow.end_run()  # waits for the asynchronous queue to drain
-    elif arm == "wandb":
-        import wandb
+    def _setup_wandb(self, address):
         os.environ["WANDB_MODE"] = "offline"
         os.environ["WANDB_SILENT"] = "true"
-        wr = wandb.init(project="bench-peers", dir=str(tmp), mode="offline")
+        import wandb
+        wr = wandb.init(project="bench-peers", dir=str(self.tmp), mode="offline")
+        self.log = lambda i, loss, acc, gn, lr: wr.log({"loss": loss.item(), "acc": acc, "grad_norm": gn, "lr": lr},
+                                                       step=i)
 
-        def log(i, loss, acc, gn, lr):
-            wr.log({"loss": loss.item(), "acc": acc, "grad_norm": gn, "lr": lr}, step=i)
-
-        def finish():
-            out["wandb_dir"] = wr.dir
+        def flush():
+            self.out["wandb_dir"] = wr.dir
             wr.finish()
-    stamps = [] if arm == "bare" or arm.startswith("trainctl") else None
-    cpu_stamps: list = []
-    c0, tc0 = time.process_time(), time.thread_time()
-    t0 = time.perf_counter()
-    for i in range(steps):
-        if run is not None:
-            run.step()
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if log is not None:
-            log(i, loss.detach(), 0.5, 1.0, opt.param_groups[0]["lr"])
-        if stamps is not None:
-            stamps.append(time.perf_counter())
-            if i % 100 == 0:  # the process's CPU too: per window, far steadier than steps/s on a shared box
-                cpu_stamps.append((i, stamps[-1] - t0, time.process_time() - c0))
-    t_loop = time.perf_counter() - t0
-    out["loop_thread_cpu_ms_step"] = 1000 * (time.thread_time() - tc0) / steps  # the loop's own thread
-    if finish is not None:
-        finish()
-    t_all = time.perf_counter() - t0
-    # CPU of the loop's process (all its threads: the tool's in-process work counts) per
-    # step: far less sensitive to other load on the box than steps/s.
-    out["cpu_ms_step"] = 1000 * (time.process_time() - c0) / steps
-    out.update(loop_sps=steps / t_loop, sps=steps / t_all, helper_cpu_s=helpers.total(),
-               stamps=[s - t0 for s in stamps] if stamps is not None else None, cpu_stamps=cpu_stamps)
-    out["points"] = _read_back(arm, tmp, out)
-    return out
+        self.flush = flush
+
+    # The commands.
+    def steps(self, n: int) -> dict:
+        torch, model, opt, x, y, run, log = self.torch, self.model, self.opt, self.x, self.y, self.run, self.log
+        c0, tc0 = time.process_time(), time.thread_time()
+        t0 = time.perf_counter()
+        for i in range(self.i, self.i + n):
+            if run is not None:
+                run.step()
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if log is not None:
+                log(i, loss.detach(), 0.5, 1.0, opt.param_groups[0]["lr"])
+        t = time.perf_counter() - t0
+        self.i += n
+        return {"t": t, "thread_cpu": time.thread_time() - tc0, "proc_cpu": time.process_time() - c0}
+
+    def mark(self) -> dict:
+        return {"steps": self.i, "helper_cpu": self.helpers.total(), "proc_cpu": time.process_time()}
+
+    def finish(self) -> dict:
+        self.helpers.total()  # a helper that exits during the flush keeps this sample
+        t0 = time.perf_counter()
+        if self.flush is not None:
+            self.flush()
+        self.out.update(flush_s=time.perf_counter() - t0, steps=self.i, proc_cpu=time.process_time(),
+                        helper_cpu=self.helpers.total())
+        self.out["points"] = _read_back(self.arm, self.tmp, self.out)
+        return self.out
+
+
+def serve(arm: str, address: str, tmp: Path) -> None:
+    proto = os.fdopen(os.dup(1), "w")  # the protocol's own copy of stdout ...
+    os.dup2(2, 1)                      # ... and whatever a tool prints goes to the log
+
+    def say(obj):
+        proto.write(json.dumps(obj) + "\n")
+        proto.flush()
+    loop = Loop(arm, address, tmp)
+    say({"ready": True, "run_id": loop.out["run_id"]})
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "run":
+            say(loop.steps(int(cmd[1])))
+        elif cmd[0] == "mark":
+            say(loop.mark())
+        elif cmd[0] == "finish":
+            say(loop.finish())
+            return
+        else:
+            raise ValueError(f"unknown command {line!r}")
 
 
 def _read_back(arm: str, tmp: Path, out: dict):
@@ -208,14 +243,102 @@ def _wandb_records(buf: bytes):
             yield part + data
 
 
+# ---------------------------------------------------------------------- the parent's handle
+class ArmProcess:
+    """A started arm. Every answer is awaited with a timeout; an arm that exits or stays
+    silent raises an error naming it, with the end of its log."""
+
+    def __init__(self, arm: str, address: str, env: dict):
+        self.name = arm
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"peers-{arm.replace(':', '_')}-"))
+        self._log = open(self.tmp / "arm.log", "w")
+        # Its own process group: close() also ends any helper process the tool started.
+        self.p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_peer_arms.py"), arm, "--address", address,
+                                   "--tmp", str(self.tmp)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=self._log, text=True, cwd=str(ROOT), start_new_session=True,
+                                  env={**os.environ, **env, "PYTHONPATH": str(ROOT)})
+        self._lines: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.failed = False
+        self._helpers: dict = {}  # pid -> psutil.Process: the tool's helpers, even in a session of their own
+
+    def _note_helpers(self) -> None:
+        import psutil
+        try:
+            for h in psutil.Process(self.p.pid).children(recursive=True):
+                self._helpers.setdefault(h.pid, h)
+        except psutil.Error:
+            pass
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def reply(self, timeout: float) -> dict:
+        try:
+            line = self._lines.get(timeout=timeout)
+        except queue.Empty:
+            self._fail(f"no answer within {timeout:.0f} s")
+        if line is None:
+            self._fail(f"exited (rc {self.p.wait()})")
+        return json.loads(line)
+
+    def ask(self, command: str, timeout: float = 300) -> dict:
+        if command in ("mark", "finish"):
+            self._note_helpers()
+        try:
+            self.p.stdin.write(command + "\n")
+            self.p.stdin.flush()
+        except OSError:  # a broken pipe: it is gone
+            pass
+        else:
+            return self.reply(timeout)
+        self._fail(f"exited (rc {self.p.wait()}) before {command!r}")
+
+    def _fail(self, what: str):
+        self.failed = True
+        self._log.flush()
+        tail = (self.tmp / "arm.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"arm {self.name!r} {what}; its log ({self.tmp / 'arm.log'}) ends:\n{tail}")
+
+    def close(self) -> None:
+        """Ends the arm and its helpers (whatever state they are in); keeps a failed arm's files."""
+        self._note_helpers()
+        if self.p.poll() is None:
+            try:
+                self.p.stdin.close()
+            except OSError:
+                pass
+            try:
+                self.p.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # a helper left in the group (the arm's pgid is its pid)
+            try:
+                os.killpg(self.p.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            time.sleep(0.5)
+        self.p.wait()
+        for h in self._helpers.values():  # W&B's service starts a session of its own
+            try:
+                if h.is_running():  # the same process (psutil checks its start time), not a reused pid
+                    h.kill()
+            except Exception:
+                pass
+        self._log.close()
+        if not self.failed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("arm")
     p.add_argument("--address", default="")
     p.add_argument("--tmp", required=True)
-    p.add_argument("--steps", type=int, default=1500)
     args = p.parse_args()
-    print(json.dumps(child(args.arm, args.steps, args.address, Path(args.tmp))), flush=True)
+    serve(args.arm, args.address, Path(args.tmp))
     return 0
 
 

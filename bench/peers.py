@@ -1,34 +1,47 @@
-"""The attach SDK against the trackers users have (issue 12), on one user loop.
+"""The attach SDK against the trackers users have (issue 12), on one user loop, in lockstep.
 
-    python bench/peers.py                 # ~6-10 min on a 2-core box
-    python bench/peers.py --rounds 3 --steps 1000 --skip-outage
-    python bench/peers.py --arms bare,trainctl,tensorboard --skip-ack --skip-outage
-    python bench/peers.py --arms trainctl,trainctl:0.2,tensorboard --ack-arms trainctl,trainctl:0.2:0 \
-        --ack-rounds 2 --ack-steps 10000 --outage-rounds 2     # new vs old SDK settings, same rounds
+    python bench/peers.py                 # ~3-5 min on a 2-core box
+    python bench/peers.py --arms trainctl,tensorboard --steps 3000 --skip-ack --skip-outage
+    python bench/peers.py --arms trainctl,trainctl:0.2 --ack-arms trainctl,trainctl:0.2:0 --outage-rounds 2
 
-Each arm runs in a fresh process, bench/_peer_arms.py (the loop and each tool's calls).
+One loop: an MLP 128-256-256-10 on CPU (batch 64, SGD, 1 torch thread), 4 scalars a step
+(loss, acc, grad_norm, lr); each arm (bare, trainctl SDK, TensorBoard SummaryWriter,
+MLflow SQLite synchronous and `synchronous=False`, W&B offline) is its own process,
+bench/_peer_arms.py. A peer that is not installed is skipped with a line saying so.
 
-One loop: an MLP 128-256-256-10 on CPU (batch 64, SGD, 1 torch thread), 4 scalars a
-step (loss, acc, grad_norm, lr). Each arm runs in a fresh process (a tool's threads and
-helper processes never leak into the next arm), arms interleaved round by round in a
-rotating order; the timed window is the loop PLUS the tool's final flush (an
-asynchronous logger's drain is part of what the user waits for). Figures: steps/s, the
-ratio to the bare arm of the same round (median over rounds, 95 % bootstrap interval),
-the loop process's CPU per step (all its threads) and the loop thread's alone, CPU per
-step of any helper process the tool starts (its descendants; for trainctl: the server
-and the one watcher), and whether every point arrived (read back from each tool's own
-store). On a shared box the CPU figures move far less than steps/s: "CPU ratio" is
-bare CPU / the arm's CPU, and "incl. helpers" adds the helpers' CPU to the arm's (what
-the tool costs a box whose every core is busy). Peers: TensorBoard SummaryWriter, MLflow (SQLite store,
-synchronous, and `log_metrics(..., synchronous=False)`), W&B offline. A peer that is not
-installed is skipped with a line saying so.
+Lockstep. On this box the same bare loop moves by +-30 % from one few-second stretch to
+the next, so arms run one after another cannot be compared at 1 %. Here every arm's
+process is started and set up first (model built, tool initialised, trainctl attached to
+its own server with one watcher, 200 untimed warm-up steps); then the arms run the same
+loop in slices of S steps, one arm at a time, a cycle giving each arm one slice in an
+order that changes every cycle (each block of n cycles is one shuffled order rotated n
+times: every arm takes every place once per block, after varying arms). Drift slower
+than a cycle then hits every arm alike. At the end each tool's final flush (finish /
+close / end_run) is timed, one arm at a time. Per arm: steps/s = steps / (its slices'
+time + its flush); the ratio to bare per cycle (bare's slice time / the arm's): median,
+95 % bootstrap interval; the overall ratio (bare's total / the arm's, flush included);
+process CPU per step over the whole lockstep (all threads, flush included; idle ticking
+while other arms ran counts too) and the loop thread's alone; helper CPU per step, over
+the whole lockstep too (trainctl: its server and watcher; W&B: its service process);
+"CPU ratio": bare's CPU per step / the arm's, per cycle (the slice's process CPU plus the
+arm's CPU outside its slices spread per step), "incl. helpers" adds the helpers' CPU per
+step; points lost (each tool's own store read back).
 
-Then, trainctl only:
+Fairness caveat, plainly: a tool's background threads and helper processes (trainctl's
+sender thread, server and watcher; W&B's service; MLflow's async queue) keep running
+while another arm's slice runs. On a box with an idle core that costs nobody; on a busy
+box part of it lands on whichever arm is running: it slows the other arms' slices and
+flatters the tool's own. That is why the CPU columns, "incl. helpers" above all, stay:
+they charge every tool for all the work it caused, wherever it ran.
+
+Then, trainctl only (the shared server):
 - set-lr latency: a client sends `scale-lr 1.0` (no change to the LR) every 0.2 s to an
   attached run; time to the APPLIED answer, p50/p99 (target <= one step + 20 ms).
-- outage: the server is SIGKILLed 4 s into a run and restarted 10 s later; the loop's
-  steps/s in that window vs bare runs just before and just after (target >= 0.99), and
-  every point stored after the restart.
+- outage, in lockstep too: a bare arm and a trainctl arm alternate slices of
+  --outage-slice steps; the server is SIGKILLed 4 s in and restarted on the same database
+  10 s later; per window (before the kill, server down, restarting, after) the per-pair
+  ratio bare slice time / SDK slice time (pairs wholly inside the window) and both loops'
+  CPU per step; then every point stored after the restart (COMPLETED, nothing undelivered).
 """
 from __future__ import annotations
 
@@ -36,87 +49,22 @@ import argparse
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, Cluster, Proc, bootstrap_ci, machine, median, pct, table, thread_env, wait_healthy  # noqa: E402
+from _peer_arms import ArmProcess  # noqa: E402
 
 ARMS = ["bare", "trainctl", "tensorboard", "mlflow", "mlflow-async", "wandb"]
 THREADS = 1  # torch intra-op threads of every arm (--threads)
+WARMUP = 200
 NEEDS = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "mlflow-async": "mlflow", "wandb": "wandb"}
-
-
-# ---------------------------------------------------------------------- the parent
-class Arm:
-    """One arm in a fresh process (bench/_peer_arms.py)."""
-
-    def __init__(self, arm: str, steps: int, address: str):
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"peers-{arm}-"))
-        env = {**os.environ, **thread_env(THREADS), "PYTHONPATH": str(ROOT)}
-        self.p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_peer_arms.py"), arm, "--steps", str(steps),
-                                   "--address", address, "--tmp", str(self.tmp)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=str(ROOT))
-
-    def first_line(self) -> dict:
-        return json.loads(self.p.stdout.readline())
-
-    def go(self) -> None:
-        self.p.stdin.write("go\n")
-        self.p.stdin.flush()
-
-    def result(self, timeout: float = 900) -> dict:
-        out, _ = self.p.communicate(timeout=timeout)
-        lines = [ln for ln in out.splitlines() if ln.startswith("{")]
-        if self.p.returncode != 0 or not lines:
-            raise RuntimeError(f"arm failed (rc {self.p.returncode}): {out[-2000:]}")
-        return json.loads(lines[-1])
-
-
-def _proc_cpu(pid: int) -> float:
-    import psutil
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
-
-
-def run_trainctl(cluster: Cluster, steps: int, pinger=None, arm: str = "trainctl") -> dict:
-    """One trainctl arm: the child attaches, a watcher (its own process) watches, go."""
-    a = Arm(arm, steps, cluster.address)
-    run_id = a.first_line()["run_id"]
-    watcher = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_watchers.py"), cluster.address, str(run_id),
-                                "1", "0"], stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert json.loads(watcher.stdout.readline())["ready"]
-    cpu0 = _proc_cpu(cluster.server.pid)
-    w_cpu0 = _proc_cpu(watcher.pid)  # its start-up (imports) is not the loop's cost
-    stop = threading.Event()
-    th = None
-    if pinger is not None:
-        th = threading.Thread(target=pinger, args=(run_id, stop), daemon=True)
-        th.start()
-    a.go()
-    res = a.result()
-    stop.set()
-    if th is not None:
-        th.join()
-    w_out = watcher.stdout.read()
-    _, _, ru = os.wait4(watcher.pid, 0)  # its own rusage: CPU of the whole watcher process
-    watcher.returncode = 0
-    res["helper_cpu_s"] += _proc_cpu(cluster.server.pid) - cpu0 + ru.ru_utime + ru.ru_stime - w_cpu0
-    got = json.loads(w_out.splitlines()[-1])["watchers"][0]
-    with cluster.client() as c:
-        stored = c.metrics(run_id)
-    res["points"] = sum(len(s["step"]) for s in stored.values())
-    res["watcher"] = f"{got['n']} rows, in order: {got['in_order']}"
-    return res
 
 
 def available(arm: str) -> str:
@@ -130,43 +78,71 @@ def available(arm: str) -> str:
         return f"{mod.split('.')[0]} is not installed"
 
 
-def peers(cluster: Cluster, rounds: int, steps: int, wanted: list[str]) -> None:
-    arms = [a for a in wanted if not available(a)]
-    for a in wanted:
-        if available(a):
-            print(f"skipped {a}: {available(a)}", flush=True)
-    got: dict = {a: [] for a in arms}
-    for r in range(rounds):
-        order = arms[r % len(arms):] + arms[:r % len(arms)]
-        for a in order:
-            res = run_trainctl(cluster, steps, arm=a) if a.startswith("trainctl") else \
-                Arm(a, steps, cluster.address).result()
-            got[a].append(res)
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{a} {got[a][-1]['sps']:.0f}" for a in arms), flush=True)
-    rows = []
-    for a in arms:
-        ratios = [x["sps"] / b["sps"] for x, b in zip(got[a], got["bare"])]
-        lo, hi = bootstrap_ci(ratios)
-        pts = [x.get("points") for x in got[a]]
-        want = 4 * steps
-        lost = "-" if a == "bare" else ("none" if all(p == want for p in pts) else f"stored {pts} (want {want} each)")
-        cpu = [x.get("cpu_ms_step", math.nan) for x in got[a]]
-        helper = [1000 * x["helper_cpu_s"] / steps for x in got[a]]
-        cr = [b.get("cpu_ms_step", math.nan) / x for x, b in zip(cpu, got["bare"])]
-        ch = [b.get("cpu_ms_step", math.nan) / (x + h) for x, h, b in zip(cpu, helper, got["bare"])]
-        rows.append([a, f"{median([x['sps'] for x in got[a]]):.0f}", f"{median([x['loop_sps'] for x in got[a]]):.0f}",
-                     _ci(ratios), f"{median(cpu):.3f}",
-                     f"{median([x.get('loop_thread_cpu_ms_step', math.nan) for x in got[a]]):.3f}",
-                     f"{median(helper):.3f}" if a != "bare" else "-", _ci(cr), _ci(ch), lost])
-    print(machine())
-    table(["arm", "steps/s (incl. flush)", "loop only", "ratio to bare [95 %]", "process CPU ms/step",
-           "loop thread CPU ms/step", "helper CPU ms/step", "CPU ratio [95 %]", "CPU ratio incl. helpers [95 %]",
-           "points lost"], rows, title=f"peers: MLP 128-256-256-10 CPU, {THREADS} torch thread(s), 4 scalars/step, "
-                                        f"{rounds} interleaved rounds x {steps} steps")
-    print("rounds, steps/s: " + "; ".join(f"{a} " + " ".join(f"{x['sps']:.0f}" for x in got[a]) for a in arms))
-    for a in arms:
-        if a.startswith("trainctl"):
-            print(f"{a} watcher:", "; ".join(x["watcher"] for x in got[a]))
+def _proc_cpu(pid: int) -> float:
+    import psutil
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return 0.0
+
+
+class Watcher:
+    """One watcher of a run in its own process (bench/_watchers.py), as a user's `trainctl watch`."""
+
+    def __init__(self, address: str, run_id: int):
+        self.p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_watchers.py"), address, str(run_id), "1",
+                                   "0"], stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
+                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
+        if not json.loads(self.p.stdout.readline() or "{}").get("ready"):
+            self.close()
+            raise RuntimeError(f"watcher of run {run_id} did not start (rc {self.p.poll()})")
+
+    def cpu(self) -> float:
+        return _proc_cpu(self.p.pid)
+
+    def finish(self, timeout: float = 60) -> tuple[dict, float]:
+        """What it saw and its whole CPU (its rusage, all threads), once the run is over and
+        it has exited; killed after `timeout` s."""
+        timer = threading.Timer(timeout, self.p.kill)
+        timer.start()
+        out = self.p.stdout.read()
+        _, status, ru = os.wait4(self.p.pid, 0)  # not Popen.wait: that would drop the rusage
+        timer.cancel()
+        self.p.returncode = os.waitstatus_to_exitcode(status)
+        lines = out.splitlines()
+        if self.p.returncode != 0 or not lines:
+            raise RuntimeError(f"watcher failed (rc {self.p.returncode}): {out[-1000:]}")
+        return json.loads(lines[-1])["watchers"][0], ru.ru_utime + ru.ru_stime
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait()
+
+
+def order(names: list[str], cycle: int) -> list[str]:
+    """Cycle `cycle`'s order: block b = one seeded shuffle, rotated by the cycle's place in it."""
+    n = len(names)
+    base = names[:]
+    random.Random(cycle // n).shuffle(base)
+    k = cycle % n
+    return base[k:] + base[:k]
+
+
+def lockstep(arms: dict, slice_n: int, cycles: int = 0, until=None, t0: float = 0.0) -> list[dict]:
+    """Cycles of one slice per arm; each answer gets "at": (start, end) in the parent's clock since t0."""
+    out, c = [], 0
+    while (cycles and c < cycles) or (not cycles and not until()):
+        cyc = {}
+        for name in order(list(arms), c):
+            a = time.perf_counter() - t0
+            r = arms[name].ask(f"run {slice_n}")
+            r["at"] = (a, time.perf_counter() - t0)
+            cyc[name] = r
+        out.append(cyc)
+        c += 1
+    return out
 
 
 def _ci(xs: list) -> str:
@@ -174,6 +150,94 @@ def _ci(xs: list) -> str:
     return f"{median(xs):.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _start(arms: dict, names: list[str], address_of) -> None:
+    for a in names:  # all set up at once (untimed), then answered one by one
+        arms[a] = ArmProcess(a, address_of(a), thread_env(THREADS))
+
+
+# ---------------------------------------------------------------------- peers
+def peers(steps: int, slice_n: int, wanted: list[str], dump: str = "") -> None:
+    names = [a for a in wanted if not available(a)]
+    for a in wanted:
+        if available(a):
+            print(f"skipped {a}: {available(a)}", flush=True)
+    clusters: dict = {}
+    arms: dict = {}
+    watchers: dict = {}
+    try:
+        for a in names:  # each trainctl arm its own server, so its helper CPU is its own
+            if a.startswith("trainctl"):
+                clusters[a] = Cluster()
+        _start(arms, names, lambda a: clusters[a].address if a in clusters else "")
+        run_ids = {a: arms[a].reply(600)["run_id"] for a in names}
+        for a in clusters:
+            watchers[a] = Watcher(clusters[a].address, run_ids[a])
+        for a in names:
+            arms[a].ask(f"run {WARMUP // 2}")
+        warm = {a: arms[a].ask(f"run {WARMUP - WARMUP // 2}") for a in names}
+        if not slice_n:  # ~0.35 s of the bare loop, in 50s
+            slice_n = max(50, int(round(0.35 * (WARMUP - WARMUP // 2) / warm["bare"]["t"] / 50)) * 50)
+        cycles = max(2, math.ceil(steps / slice_n))
+        print(f"lockstep: {len(names)} arms, {cycles} cycles x {slice_n} steps (bare warm-up "
+              f"{(WARMUP - WARMUP // 2) / warm['bare']['t']:.0f} steps/s)", flush=True)
+        mark = {a: arms[a].ask("mark") for a in names}
+        h0 = {a: _proc_cpu(clusters[a].server.pid) + watchers[a].cpu() for a in clusters}
+        got = lockstep(arms, slice_n, cycles, t0=time.perf_counter())
+        fin, helper, seen = {}, {}, {}
+        for a in order(names, cycles):  # flushes one at a time
+            fin[a] = arms[a].ask("finish", timeout=600)
+            helper[a] = fin[a]["helper_cpu"] - mark[a]["helper_cpu"]
+            if a in clusters:
+                w, w_cpu = watchers[a].finish()
+                helper[a] += _proc_cpu(clusters[a].server.pid) + w_cpu - h0[a]
+                with clusters[a].client() as c:
+                    fin[a]["points"] = sum(len(s["step"]) for s in c.metrics(run_ids[a]).values())
+                seen[a] = f"{w['n']} rows, in order: {w['in_order']}"
+    finally:
+        for close in [*(a.close for a in arms.values()), *(w.close for w in watchers.values()),
+                      *(c.stop for c in clusters.values())]:
+            try:
+                close()
+            except Exception as exc:  # keep closing the rest
+                print(f"peers: while closing: {exc!r}", file=sys.stderr)
+    if dump:  # every slice's answer, for a second look at the noise
+        Path(dump).write_text(json.dumps({"slice": slice_n, "cycles": got, "finish": fin, "mark": mark}))
+    _peers_table(names, got, fin, mark, helper, seen, slice_n, cycles)
+
+
+def _peers_table(names, got, fin, mark, helper, seen, slice_n, cycles) -> None:
+    n = slice_n * cycles
+    tot = {a: sum(c[a]["t"] for c in got) + fin[a]["flush_s"] for a in names}
+    # CPU outside the arm's slices (its background threads while others ran, the flush), per step
+    bg = {a: (fin[a]["proc_cpu"] - mark[a]["proc_cpu"] - sum(c[a]["proc_cpu"] for c in got)) / n for a in names}
+    cpu_c = {a: [c[a]["proc_cpu"] / slice_n + bg[a] for c in got] for a in names}
+    rows = []
+    for a in names:
+        want = 4 * fin[a]["steps"]
+        pts = fin[a].get("points")
+        lost = "-" if a == "bare" else ("none" if pts == want else f"stored {pts} (want {want})")
+        if a in seen:
+            lost += f"; watcher {seen[a]}"
+        h = helper[a] / n
+        rows.append([a, f"{n / tot[a]:.0f}", f"{n / (tot[a] - fin[a]['flush_s']):.0f}",
+                     _ci([c["bare"]["t"] / c[a]["t"] for c in got]), f"{tot['bare'] / tot[a]:.3f}",
+                     f"{1000 * (fin[a]['proc_cpu'] - mark[a]['proc_cpu']) / n:.3f}",
+                     f"{1000 * sum(c[a]['thread_cpu'] for c in got) / n:.3f}",
+                     f"{1000 * h:.3f}" if a != "bare" else "-",
+                     _ci([b / x for b, x in zip(cpu_c["bare"], cpu_c[a])]),
+                     _ci([b / (x + h) for b, x in zip(cpu_c["bare"], cpu_c[a])]), lost])
+    print(machine())
+    table(["arm", "steps/s (incl. flush)", "loop only", "ratio to bare per cycle [95 %]", "overall ratio",
+           "process CPU ms/step", "loop thread CPU ms/step", "helper CPU ms/step", "CPU ratio [95 %]",
+           "CPU ratio incl. helpers [95 %]", "points lost"], rows,
+          title=f"peers in lockstep: MLP 128-256-256-10 CPU, {THREADS} torch thread(s), 4 scalars/step, "
+                f"{cycles} cycles x {slice_n} steps per arm")
+    bare = sorted(slice_n / c["bare"]["t"] for c in got)
+    print(f"bare slices: {bare[0]:.0f} .. {bare[-1]:.0f} steps/s (median {median(bare):.0f}): the drift the "
+          f"lockstep takes out; flush s: " + ", ".join(f"{a} {fin[a]['flush_s']:.3f}" for a in names))
+
+
+# ---------------------------------------------------------------------- set-lr latency
 def ack_latency(cluster: Cluster, steps: int, arm: str = "trainctl") -> None:
     from trainctl.client import Client
     lat: list = []
@@ -197,9 +261,24 @@ def ack_latency(cluster: Cluster, steps: int, arm: str = "trainctl") -> None:
                     pass
                 stop.wait(0.2)
 
-    res = run_trainctl(cluster, steps, pinger, arm=arm)
-    lat.sort()
-    step_ms = 1000 / res["loop_sps"]
+    a = ArmProcess(arm, cluster.address, thread_env(THREADS))
+    w = th = None
+    stop = threading.Event()
+    try:
+        run_id = a.reply(600)["run_id"]
+        w = Watcher(cluster.address, run_id)
+        th = threading.Thread(target=pinger, args=(run_id, stop), daemon=True)
+        th.start()
+        loop_sps = steps / a.ask(f"run {steps}", timeout=900)["t"]
+        stop.set()
+        th.join()
+        a.ask("finish", timeout=600)
+    finally:
+        stop.set()
+        a.close()
+        if w is not None:
+            w.close()
+    step_ms = 1000 / loop_sps
 
     def p50_99(xs):
         xs = sorted(xs)
@@ -211,73 +290,107 @@ def ack_latency(cluster: Cluster, steps: int, arm: str = "trainctl") -> None:
     ], title=f"set-lr (scale-lr 1.0 every 0.2 s) on an attached run ({arm}), one watcher")
 
 
-def outage(cluster: Cluster, steps: int, kill_at: float, down: float) -> None:
-    bare_before = Arm("bare", steps // 3, cluster.address).result()
-    a = Arm("trainctl", steps, cluster.address)
-    run_id = a.first_line()["run_id"]
-    a.go()
-    t_go = time.perf_counter()
-    time.sleep(kill_at)
-    os.kill(cluster.server.pid, signal.SIGKILL)
-    cluster.server.popen.wait()
-    t_kill = time.perf_counter() - t_go
-    time.sleep(down)
-    t_spawn = time.perf_counter() - t_go
-    cluster.server = Proc(["server", "--listen", cluster.address, "--db", f"sqlite:///{cluster.db_path}"],
-                          cluster.tmp / "server2.log")
-    wait_healthy(cluster.address, cluster.server)
-    t_up = time.perf_counter() - t_go
-    res = a.result()
-    bare_after = Arm("bare", steps // 3, cluster.address).result()
+# ---------------------------------------------------------------------- outage
+class _Killer(threading.Thread):
+    """SIGKILLs the cluster's server at t0 + kill_at and starts a new one on the same
+    database `down` seconds later; times since t0 in .times, an error in .error."""
 
-    def window_sps(stamps, lo, hi):
-        n = sum(1 for s in stamps if lo <= s < hi)
-        return n / (hi - lo)
+    def __init__(self, cluster: Cluster, t0: float, kill_at: float, down: float):
+        super().__init__(daemon=True)
+        self.cluster, self.t0, self.kill_at, self.down = cluster, t0, kill_at, down
+        self.times: dict = {}
+        self.error = None
+        self.cancel = threading.Event()
 
-    # The child's clock starts a little after "go" (tens of ms; negligible next to 10 s).
-    def window_cpu(cpu_stamps, lo, hi):  # process CPU ms per step between the stamps inside [lo, hi)
-        inside = [c for c in cpu_stamps if lo <= c[1] < hi]
-        if len(inside) < 2:
-            return math.nan
-        return 1000 * (inside[-1][2] - inside[0][2]) / (inside[-1][0] - inside[0][0])
+    def run(self):
+        try:
+            c = self.cluster
+            if self.cancel.wait(self.kill_at):
+                return
+            os.kill(c.server.pid, signal.SIGKILL)
+            c.server.popen.wait()
+            self.times["kill"] = time.perf_counter() - self.t0
+            if self.cancel.wait(max(0.0, self.kill_at + self.down - self.times["kill"])):
+                return
+            self.times["spawn"] = time.perf_counter() - self.t0
+            c.server = Proc(["server", "--listen", c.address, "--db", f"sqlite:///{c.db_path}"],
+                            c.tmp / "server2.log")
+            wait_healthy(c.address, c.server)
+            self.times["up"] = time.perf_counter() - self.t0
+        except Exception as exc:
+            self.error = exc
 
-    sdk_w = window_sps(res["stamps"], t_kill, t_spawn)  # the server dead (its restart: next line)
-    cpu_w = window_cpu(res["cpu_stamps"], t_kill, t_spawn)
-    cpu_bare = (bare_before["cpu_ms_step"] + bare_after["cpu_ms_step"]) / 2
-    sdk_r = window_sps(res["stamps"], t_spawn, t_up)
-    # Bare runs just before and just after (whole loop), averaged: the box drifts.
-    bare_b, bare_a = bare_before["loop_sps"], bare_after["loop_sps"]
-    bare_w = (bare_b + bare_a) / 2
+
+def outage(cluster: Cluster, slice_n: int, kill_at: float = 4.0, down: float = 10.0, after: float = 5.0) -> None:
+    arms: dict = {}
+    killer = None
+    try:
+        _start(arms, ["bare", "trainctl"], lambda a: cluster.address if a == "trainctl" else "")
+        arms["bare"].reply(600)
+        run_id = arms["trainctl"].reply(600)["run_id"]
+        for a in arms:
+            arms[a].ask(f"run {WARMUP}")
+        t0 = time.perf_counter()
+        killer = _Killer(cluster, t0, kill_at, down)
+        killer.start()
+        limit = kill_at + down + 120 + after
+
+        def done():
+            now = time.perf_counter() - t0
+            if killer.error is not None or now > limit:
+                raise RuntimeError(f"outage: server restart failed or too slow ({killer.error})")
+            return "up" in killer.times and now > killer.times["up"] + after
+        got = lockstep(arms, slice_n, until=done, t0=t0)
+        fin = {a: arms[a].ask("finish", timeout=600) for a in arms}
+    finally:
+        if killer is not None:
+            killer.cancel.set()
+            killer.join()
+        for a in arms.values():
+            a.close()
+    tm = killer.times
     with cluster.client() as c:
-        x = c.get(run_id)
-        stored = c.metrics(run_id)
-    pts = sum(len(s["step"]) for s in stored.values())
-    table(["measure", "value"], [
-        ["server down", f"{t_kill:.1f} s .. {t_spawn:.1f} s after go (SIGKILL), restarting on the same file "
-                        f"until {t_up:.1f} s"],
-        ["loop steps/s while down", f"{sdk_w:.0f} (bare runs just before / after: {bare_b:.0f} / {bare_a:.0f}); "
-                                    f"ratio {sdk_w / bare_w:.3f} (vs before {sdk_w / bare_b:.3f}, after "
-                                    f"{sdk_w / bare_a:.3f})"],
-        ["loop process CPU while down", f"{cpu_w:.3f} ms/step (bare runs: {bare_before['cpu_ms_step']:.3f} / "
-                                        f"{bare_after['cpu_ms_step']:.3f}); CPU ratio bare/SDK {cpu_bare / cpu_w:.3f}"],
-        ["loop steps/s before the kill", f"{window_sps(res['stamps'], 0.5, t_kill):.0f} (server and watcher up)"],
-        ["loop steps/s while it restarts", f"{sdk_r:.0f}; ratio {sdk_r / bare_w:.3f} (the new server's start "
-                                           "shares the 2 cores)"],
-        ["points stored after restart", f"{pts} of {4 * steps} ({'none lost' if pts == 4 * steps else 'LOST'})"],
-        ["run state / undelivered", f"{x.state} / {'; '.join(res.get('undelivered') or []) or 'nothing'}"],
-    ], title="server killed mid-run")
+        state = c.get(run_id).state
+        pts = sum(len(s["step"]) for s in c.metrics(run_id).values())
+    end = max(x["at"][1] for c in got for x in c.values())
+    rows = []
+    for label, lo, hi in [("before the kill", 0.0, tm["kill"]), ("server down", tm["kill"], tm["spawn"]),
+                          ("restarting", tm["spawn"], tm["up"]), ("after restart", tm["up"], end + 1)]:
+        pairs = [c for c in got if all(lo <= x["at"][0] and x["at"][1] <= hi for x in c.values())]
+        if not pairs:
+            rows.append([label, f"{lo:.1f}-{min(hi, end):.1f} s", 0, "-", "-", "-", "-"])
+            continue
+        sdk_cpu = sum(c["trainctl"]["proc_cpu"] for c in pairs) / (slice_n * len(pairs))
+        bare_cpu = sum(c["bare"]["proc_cpu"] for c in pairs) / (slice_n * len(pairs))
+        rows.append([label, f"{lo:.1f}-{min(hi, end):.1f} s", len(pairs),
+                     _ci([c["bare"]["t"] / c["trainctl"]["t"] for c in pairs]),
+                     f"{sum(c['bare']['t'] for c in pairs) / sum(c['trainctl']['t'] for c in pairs):.3f}",
+                     f"{1000 * sdk_cpu:.3f} / {1000 * bare_cpu:.3f}",
+                     _ci([c["bare"]["proc_cpu"] / c["trainctl"]["proc_cpu"] for c in pairs])])
+    want = 4 * fin["trainctl"]["steps"]
+    print(machine())
+    table(["window (since lockstep start)", "span", "pairs", "SDK/bare steps/s per pair [95 %]", "overall",
+           "loop process CPU ms/step SDK / bare", "CPU ratio bare/SDK [95 %]"], rows,
+          title=f"server killed mid-run, lockstep: bare and SDK alternate slices of {slice_n} steps; SIGKILL at "
+                f"{tm['kill']:.1f} s, restarted at {tm['spawn']:.1f} s on the same file, serving at {tm['up']:.1f} s")
+    undelivered = "; ".join(fin["trainctl"].get("undelivered") or []) or "nothing"
+    print(f"points stored after restart: {pts} of {want} ({'none lost' if pts == want else 'LOST'}); "
+          f"run state {state}; undelivered: {undelivered}", flush=True)
 
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--steps", type=int, default=6000, help="timed steps per arm (rounded up to whole slices)")
+    p.add_argument("--slice", type=int, default=0, help="steps per slice (default: ~0.35 s of the bare loop, "
+                                                        "from its warm-up)")
     p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {','.join(ARMS)} (bare is always "
                    "run); trainctl:SECONDS is the SDK with another row linger (e.g. trainctl:0.2, the old one)")
+    p.add_argument("--dump", default="", help="write every slice's figures of the peers lockstep to this JSON file")
     p.add_argument("--skip-peers", action="store_true")
     p.add_argument("--skip-ack", action="store_true")
     p.add_argument("--skip-outage", action="store_true")
     p.add_argument("--outage-rounds", type=int, default=1)
+    p.add_argument("--outage-slice", type=int, default=150, help="steps per slice in the outage lockstep")
     p.add_argument("--ack-arms", default="trainctl", help="e.g. trainctl,trainctl:0.2:0 (the old settings: "
                                                           "rows every 0.2 s, no ack hand-over)")
     p.add_argument("--ack-rounds", type=int, default=1)
@@ -287,21 +400,23 @@ def main() -> int:
     args = p.parse_args()
     global THREADS
     THREADS = args.threads
-    wanted = ["bare"] + [a for a in args.arms.split(",") if a and a != "bare"]
-    unknown = [a for a in wanted if a.split(":")[0] not in ARMS]
+    wanted = ["bare"] + [a for a in dict.fromkeys(args.arms.split(",")) if a and a != "bare"]
+    unknown = [a for a in wanted if a.split(":")[0] not in ARMS or (":" in a and not a.startswith("trainctl"))]
     if unknown:
         p.error(f"--arms: unknown {unknown} (known: {ARMS})")
+    if not args.skip_peers:
+        peers(args.steps, args.slice, wanted, args.dump)
+    if args.skip_ack and args.skip_outage:
+        return 0
     cluster = Cluster()
     try:
-        if not args.skip_peers:
-            peers(cluster, args.rounds, args.steps, wanted)
         if not args.skip_ack:
             for _ in range(args.ack_rounds):
                 for arm in args.ack_arms.split(","):
                     ack_latency(cluster, args.ack_steps, arm)
         if not args.skip_outage:
             for _ in range(args.outage_rounds):
-                outage(cluster, 20_000, kill_at=4.0, down=10.0)
+                outage(cluster, args.outage_slice)
     finally:
         cluster.stop()
     return 0

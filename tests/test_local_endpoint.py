@@ -289,6 +289,8 @@ def test_relay_both_ways(endpoint):
     while endpoint.final_state is None and time.monotonic() < deadline:
         time.sleep(0.02)
     assert endpoint.final_state.state == pb.COMPLETED and endpoint.final_state.summary["acc"] == 0.9
+    final = child.expect("batch_ack")
+    assert final.final and final.seq == 2  # taken here: the SDK's finish() is done
     kinds = [i.WhichOneof("msg") for i in list(outbox._items) if isinstance(i, pb.WorkerMessage)]
     assert kinds == ["state", "ack", "knobs"]
     assert _states_in(outbox) == [pb.RUNNING]  # the final state stays here: the exit code decides

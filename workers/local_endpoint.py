@@ -217,6 +217,11 @@ class LocalEndpoint:
             return self._metrics(body, out, session)
         elif kind == "state":
             self._state(body)
+            if body.state in _FINAL:  # kept here until the command exits: the SDK's finish() is done
+                with self._lock:
+                    seq = self._acked.get(session, 0)
+                out.put(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=self.experiment_id, attempt=self.attempt,
+                                                               seq=seq, final=True)))
         elif kind == "ack":
             with self._lock:
                 self._pending.pop(body.command_id, None)
