@@ -7,6 +7,7 @@ writes finish within the grace period, then close the store.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -147,6 +148,12 @@ def create_server(address: str, config: ServerConfig | None = None) -> tuple[Con
 async def _serve(address: str, config: ServerConfig) -> None:
     server, port = create_server(address, config)
     await server.start()
+    # What is loaded by now (modules, SQLAlchemy's and grpc's tables, the store) lives as
+    # long as the process: frozen, it is never scanned again, so a full collection walks
+    # only what came after. Unfrozen, one took ~75 ms mid-ingest: every RPC and stream
+    # stood still meanwhile (it was the tail of set-lr's latency, bench/RESULTS.md).
+    gc.collect()
+    gc.freeze()
     log.info("trainctl server listening on %s (port %d, %s, auth %s)", address, port,
              "TLS" if config.tls else "plaintext", "on" if config.tokens.enabled else "off")
     if not config.tokens.enabled and not address.startswith(("127.", "localhost", "[::1]")):
