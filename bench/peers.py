@@ -48,22 +48,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import random
-import signal
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, Cluster, Proc, bootstrap_ci, machine, median, pct, table, thread_env, wait_healthy  # noqa: E402
-from _peer_arms import ArmProcess  # noqa: E402
+import _lockstep  # noqa: E402
+from _common import Cluster, machine, median, table  # noqa: E402
+from _lockstep import WARMUP, Watcher, ci, lockstep, order, proc_cpu, start_arms  # noqa: E402
+from _peer_trainctl import ack_latency, outage  # noqa: E402
 
 ARMS = ["bare", "trainctl", "tensorboard", "mlflow", "mlflow-async", "wandb"]
-THREADS = 1  # torch intra-op threads of every arm (--threads)
-WARMUP = 200
 NEEDS = {"tensorboard": "torch.utils.tensorboard", "mlflow": "mlflow", "mlflow-async": "mlflow", "wandb": "wandb"}
 
 
@@ -76,83 +71,6 @@ def available(arm: str) -> str:
         return "" if importlib.util.find_spec(mod) is not None else f"{mod} is not installed"
     except ModuleNotFoundError:
         return f"{mod.split('.')[0]} is not installed"
-
-
-def _proc_cpu(pid: int) -> float:
-    import psutil
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
-
-
-class Watcher:
-    """One watcher of a run in its own process (bench/_watchers.py), as a user's `trainctl watch`."""
-
-    def __init__(self, address: str, run_id: int):
-        self.p = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_watchers.py"), address, str(run_id), "1",
-                                   "0"], stdout=subprocess.PIPE, text=True, cwd=str(ROOT),
-                                  env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if not json.loads(self.p.stdout.readline() or "{}").get("ready"):
-            self.close()
-            raise RuntimeError(f"watcher of run {run_id} did not start (rc {self.p.poll()})")
-
-    def cpu(self) -> float:
-        return _proc_cpu(self.p.pid)
-
-    def finish(self, timeout: float = 60) -> tuple[dict, float]:
-        """What it saw and its whole CPU (its rusage, all threads), once the run is over and
-        it has exited; killed after `timeout` s."""
-        timer = threading.Timer(timeout, self.p.kill)
-        timer.start()
-        out = self.p.stdout.read()
-        _, status, ru = os.wait4(self.p.pid, 0)  # not Popen.wait: that would drop the rusage
-        timer.cancel()
-        self.p.returncode = os.waitstatus_to_exitcode(status)
-        lines = out.splitlines()
-        if self.p.returncode != 0 or not lines:
-            raise RuntimeError(f"watcher failed (rc {self.p.returncode}): {out[-1000:]}")
-        return json.loads(lines[-1])["watchers"][0], ru.ru_utime + ru.ru_stime
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            self.p.kill()
-            self.p.wait()
-
-
-def order(names: list[str], cycle: int) -> list[str]:
-    """Cycle `cycle`'s order: block b = one seeded shuffle, rotated by the cycle's place in it."""
-    n = len(names)
-    base = names[:]
-    random.Random(cycle // n).shuffle(base)
-    k = cycle % n
-    return base[k:] + base[:k]
-
-
-def lockstep(arms: dict, slice_n: int, cycles: int = 0, until=None, t0: float = 0.0) -> list[dict]:
-    """Cycles of one slice per arm; each answer gets "at": (start, end) in the parent's clock since t0."""
-    out, c = [], 0
-    while (cycles and c < cycles) or (not cycles and not until()):
-        cyc = {}
-        for name in order(list(arms), c):
-            a = time.perf_counter() - t0
-            r = arms[name].ask(f"run {slice_n}")
-            r["at"] = (a, time.perf_counter() - t0)
-            cyc[name] = r
-        out.append(cyc)
-        c += 1
-    return out
-
-
-def _ci(xs: list) -> str:
-    lo, hi = bootstrap_ci(xs)
-    return f"{median(xs):.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def _start(arms: dict, names: list[str], address_of) -> None:
-    for a in names:  # all set up at once (untimed), then answered one by one
-        arms[a] = ArmProcess(a, address_of(a), thread_env(THREADS))
 
 
 # ---------------------------------------------------------------------- peers
@@ -168,7 +86,7 @@ def peers(steps: int, slice_n: int, wanted: list[str], dump: str = "") -> None:
         for a in names:  # each trainctl arm its own server, so its helper CPU is its own
             if a.startswith("trainctl"):
                 clusters[a] = Cluster()
-        _start(arms, names, lambda a: clusters[a].address if a in clusters else "")
+        start_arms(arms, names, lambda a: clusters[a].address if a in clusters else "")
         run_ids = {a: arms[a].reply(600)["run_id"] for a in names}
         for a in clusters:
             watchers[a] = Watcher(clusters[a].address, run_ids[a])
@@ -181,7 +99,7 @@ def peers(steps: int, slice_n: int, wanted: list[str], dump: str = "") -> None:
         print(f"lockstep: {len(names)} arms, {cycles} cycles x {slice_n} steps (bare warm-up "
               f"{(WARMUP - WARMUP // 2) / warm['bare']['t']:.0f} steps/s)", flush=True)
         mark = {a: arms[a].ask("mark") for a in names}
-        h0 = {a: _proc_cpu(clusters[a].server.pid) + watchers[a].cpu() for a in clusters}
+        h0 = {a: proc_cpu(clusters[a].server.pid) + watchers[a].cpu() for a in clusters}
         got = lockstep(arms, slice_n, cycles, t0=time.perf_counter())
         fin, helper, seen = {}, {}, {}
         for a in order(names, cycles):  # flushes one at a time
@@ -189,7 +107,7 @@ def peers(steps: int, slice_n: int, wanted: list[str], dump: str = "") -> None:
             helper[a] = fin[a]["helper_cpu"] - mark[a]["helper_cpu"]
             if a in clusters:
                 w, w_cpu = watchers[a].finish()
-                helper[a] += _proc_cpu(clusters[a].server.pid) + w_cpu - h0[a]
+                helper[a] += proc_cpu(clusters[a].server.pid) + w_cpu - h0[a]
                 with clusters[a].client() as c:
                     fin[a]["points"] = sum(len(s["step"]) for s in c.metrics(run_ids[a]).values())
                 seen[a] = f"{w['n']} rows, in order: {w['in_order']}"
@@ -220,162 +138,21 @@ def _peers_table(names, got, fin, mark, helper, seen, slice_n, cycles) -> None:
             lost += f"; watcher {seen[a]}"
         h = helper[a] / n
         rows.append([a, f"{n / tot[a]:.0f}", f"{n / (tot[a] - fin[a]['flush_s']):.0f}",
-                     _ci([c["bare"]["t"] / c[a]["t"] for c in got]), f"{tot['bare'] / tot[a]:.3f}",
+                     ci([c["bare"]["t"] / c[a]["t"] for c in got]), f"{tot['bare'] / tot[a]:.3f}",
                      f"{1000 * (fin[a]['proc_cpu'] - mark[a]['proc_cpu']) / n:.3f}",
                      f"{1000 * sum(c[a]['thread_cpu'] for c in got) / n:.3f}",
                      f"{1000 * h:.3f}" if a != "bare" else "-",
-                     _ci([b / x for b, x in zip(cpu_c["bare"], cpu_c[a])]),
-                     _ci([b / (x + h) for b, x in zip(cpu_c["bare"], cpu_c[a])]), lost])
+                     ci([b / x for b, x in zip(cpu_c["bare"], cpu_c[a])]),
+                     ci([b / (x + h) for b, x in zip(cpu_c["bare"], cpu_c[a])]), lost])
     print(machine())
     table(["arm", "steps/s (incl. flush)", "loop only", "ratio to bare per cycle [95 %]", "overall ratio",
            "process CPU ms/step", "loop thread CPU ms/step", "helper CPU ms/step", "CPU ratio [95 %]",
            "CPU ratio incl. helpers [95 %]", "points lost"], rows,
-          title=f"peers in lockstep: MLP 128-256-256-10 CPU, {THREADS} torch thread(s), 4 scalars/step, "
+          title=f"peers in lockstep: MLP 128-256-256-10 CPU, {_lockstep.THREADS} torch thread(s), 4 scalars/step, "
                 f"{cycles} cycles x {slice_n} steps per arm")
     bare = sorted(slice_n / c["bare"]["t"] for c in got)
     print(f"bare slices: {bare[0]:.0f} .. {bare[-1]:.0f} steps/s (median {median(bare):.0f}): the drift the "
           f"lockstep takes out; flush s: " + ", ".join(f"{a} {fin[a]['flush_s']:.3f}" for a in names))
-
-
-# ---------------------------------------------------------------------- set-lr latency
-def ack_latency(cluster: Cluster, steps: int, arm: str = "trainctl") -> None:
-    from trainctl.client import Client
-    lat: list = []
-    # Segments from the server's own stamps (same clock): the client's request until the
-    # server stored it; stored until the run's ack was stored (push, the loop's next step,
-    # the ack back); until the client has the answer.
-    seg: dict = {"client -> stored": [], "stored -> ack stored (push, step, ack)": [], "ack stored -> client": []}
-
-    def pinger(run_id, stop):
-        with Client(cluster.address) as c:
-            while not stop.is_set():
-                t0, w0 = time.perf_counter(), time.time()
-                try:
-                    r = c.scale_lr(run_id, 1.0, wait=10)
-                    if r.status == "APPLIED":
-                        lat.append(time.perf_counter() - t0)
-                        w1 = time.time()
-                        for k, v in zip(seg, (r.requested_at - w0, r.applied_at - r.requested_at, w1 - r.applied_at)):
-                            seg[k].append(v)
-                except Exception:
-                    pass
-                stop.wait(0.2)
-
-    a = ArmProcess(arm, cluster.address, thread_env(THREADS))
-    w = th = None
-    stop = threading.Event()
-    try:
-        run_id = a.reply(600)["run_id"]
-        w = Watcher(cluster.address, run_id)
-        th = threading.Thread(target=pinger, args=(run_id, stop), daemon=True)
-        th.start()
-        loop_sps = steps / a.ask(f"run {steps}", timeout=900)["t"]
-        stop.set()
-        th.join()
-        a.ask("finish", timeout=600)
-    finally:
-        stop.set()
-        a.close()
-        if w is not None:
-            w.close()
-    step_ms = 1000 / loop_sps
-
-    def p50_99(xs):
-        xs = sorted(xs)
-        return f"{1000 * pct(xs, 50):.1f} / {1000 * pct(xs, 99):.1f} ms" if xs else "-"
-    table(["measure", "value"], [
-        ["scale-lr acked p50 / p99", f"{p50_99(lat)} (n={len(lat)}; max {1000 * max(lat or [math.nan]):.1f} ms)"],
-        ["one step", f"{step_ms:.2f} ms; target p99 <= {step_ms + 20:.1f} ms"],
-        *[[f"  {k} p50 / p99", p50_99(v)] for k, v in seg.items()],
-    ], title=f"set-lr (scale-lr 1.0 every 0.2 s) on an attached run ({arm}), one watcher")
-
-
-# ---------------------------------------------------------------------- outage
-class _Killer(threading.Thread):
-    """SIGKILLs the cluster's server at t0 + kill_at and starts a new one on the same
-    database `down` seconds later; times since t0 in .times, an error in .error."""
-
-    def __init__(self, cluster: Cluster, t0: float, kill_at: float, down: float):
-        super().__init__(daemon=True)
-        self.cluster, self.t0, self.kill_at, self.down = cluster, t0, kill_at, down
-        self.times: dict = {}
-        self.error = None
-        self.cancel = threading.Event()
-
-    def run(self):
-        try:
-            c = self.cluster
-            if self.cancel.wait(self.kill_at):
-                return
-            os.kill(c.server.pid, signal.SIGKILL)
-            c.server.popen.wait()
-            self.times["kill"] = time.perf_counter() - self.t0
-            if self.cancel.wait(max(0.0, self.kill_at + self.down - self.times["kill"])):
-                return
-            self.times["spawn"] = time.perf_counter() - self.t0
-            c.server = Proc(["server", "--listen", c.address, "--db", f"sqlite:///{c.db_path}"],
-                            c.tmp / "server2.log")
-            wait_healthy(c.address, c.server)
-            self.times["up"] = time.perf_counter() - self.t0
-        except Exception as exc:
-            self.error = exc
-
-
-def outage(cluster: Cluster, slice_n: int, kill_at: float = 4.0, down: float = 10.0, after: float = 5.0) -> None:
-    arms: dict = {}
-    killer = None
-    try:
-        _start(arms, ["bare", "trainctl"], lambda a: cluster.address if a == "trainctl" else "")
-        arms["bare"].reply(600)
-        run_id = arms["trainctl"].reply(600)["run_id"]
-        for a in arms:
-            arms[a].ask(f"run {WARMUP}")
-        t0 = time.perf_counter()
-        killer = _Killer(cluster, t0, kill_at, down)
-        killer.start()
-        limit = kill_at + down + 120 + after
-
-        def done():
-            now = time.perf_counter() - t0
-            if killer.error is not None or now > limit:
-                raise RuntimeError(f"outage: server restart failed or too slow ({killer.error})")
-            return "up" in killer.times and now > killer.times["up"] + after
-        got = lockstep(arms, slice_n, until=done, t0=t0)
-        fin = {a: arms[a].ask("finish", timeout=600) for a in arms}
-    finally:
-        if killer is not None:
-            killer.cancel.set()
-            killer.join()
-        for a in arms.values():
-            a.close()
-    tm = killer.times
-    with cluster.client() as c:
-        state = c.get(run_id).state
-        pts = sum(len(s["step"]) for s in c.metrics(run_id).values())
-    end = max(x["at"][1] for c in got for x in c.values())
-    rows = []
-    for label, lo, hi in [("before the kill", 0.0, tm["kill"]), ("server down", tm["kill"], tm["spawn"]),
-                          ("restarting", tm["spawn"], tm["up"]), ("after restart", tm["up"], end + 1)]:
-        pairs = [c for c in got if all(lo <= x["at"][0] and x["at"][1] <= hi for x in c.values())]
-        if not pairs:
-            rows.append([label, f"{lo:.1f}-{min(hi, end):.1f} s", 0, "-", "-", "-", "-"])
-            continue
-        sdk_cpu = sum(c["trainctl"]["proc_cpu"] for c in pairs) / (slice_n * len(pairs))
-        bare_cpu = sum(c["bare"]["proc_cpu"] for c in pairs) / (slice_n * len(pairs))
-        rows.append([label, f"{lo:.1f}-{min(hi, end):.1f} s", len(pairs),
-                     _ci([c["bare"]["t"] / c["trainctl"]["t"] for c in pairs]),
-                     f"{sum(c['bare']['t'] for c in pairs) / sum(c['trainctl']['t'] for c in pairs):.3f}",
-                     f"{1000 * sdk_cpu:.3f} / {1000 * bare_cpu:.3f}",
-                     _ci([c["bare"]["proc_cpu"] / c["trainctl"]["proc_cpu"] for c in pairs])])
-    want = 4 * fin["trainctl"]["steps"]
-    print(machine())
-    table(["window (since lockstep start)", "span", "pairs", "SDK/bare steps/s per pair [95 %]", "overall",
-           "loop process CPU ms/step SDK / bare", "CPU ratio bare/SDK [95 %]"], rows,
-          title=f"server killed mid-run, lockstep: bare and SDK alternate slices of {slice_n} steps; SIGKILL at "
-                f"{tm['kill']:.1f} s, restarted at {tm['spawn']:.1f} s on the same file, serving at {tm['up']:.1f} s")
-    undelivered = "; ".join(fin["trainctl"].get("undelivered") or []) or "nothing"
-    print(f"points stored after restart: {pts} of {want} ({'none lost' if pts == want else 'LOST'}); "
-          f"run state {state}; undelivered: {undelivered}", flush=True)
 
 
 def main() -> int:
@@ -398,8 +175,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of every arm, bare included (default 1: "
                                                           "the loop on one core, the tool and server on the other)")
     args = p.parse_args()
-    global THREADS
-    THREADS = args.threads
+    _lockstep.THREADS = args.threads
     wanted = ["bare"] + [a for a in dict.fromkeys(args.arms.split(",")) if a and a != "bare"]
     unknown = [a for a in wanted if a.split(":")[0] not in ARMS or (":" in a and not a.startswith("trainctl"))]
     if unknown:
