@@ -7,9 +7,9 @@ attempt (`_check_live`) on the experiment row, read FOR UPDATE on PostgreSQL, in
 same transaction as the upsert of its rows, so a requeued attempt's late rows are
 refused (the store's concurrency model: sqlalchemy_store.py). On SQLite a large batch
 commits in parts while another write waits (WRITE_PART), each part checked so; a part
-refused leaves the parts before it stored, as if the sender had cut the batch there. The write is an upsert
-on (experiment, name, scope, step) that only a same or later attempt wins
-(dialects.metrics_upsert): a resent batch is harmless.
+refused leaves the parts before it stored, as if the sender had cut the batch there.
+The write is an upsert on (experiment, name, scope, step) that only a same or later
+attempt wins (dialects.metrics_upsert): a resent batch is harmless.
 
 It uses the store's `_session`, `_experiment_row`, `_check_live`, `_engine` and
 `_dialect`; the store's __init__ calls `_init_metrics`.
