@@ -135,6 +135,9 @@ class WorkersService(pb_grpc.WorkersServicer):
                     writing = None
                 if kind == "metrics":
                     writing = asyncio.create_task(self._on_metrics(session, msg.metrics))
+                    # Its error is raised by the next await of it; if the stream is cancelled
+                    # first, asyncio would log it as never retrieved.
+                    writing.add_done_callback(lambda t: t.cancelled() or t.exception())
                 elif kind == "state":
                     await self._on_state(session, msg.state)
                 elif kind == "knobs":
