@@ -295,6 +295,7 @@ def info_server(tmp_path_factory):
     os.environ["TRAINCTL_LOG"] = "INFO"
     try:
         c = Cluster(tmp_path_factory.mktemp("info-server"))
+        c.wait_serving()  # its startup lines are logged before the tests read the log
     finally:
         if old is None:
             del os.environ["TRAINCTL_LOG"]
@@ -369,6 +370,7 @@ def test_rows_stored_before_the_cap_cannot_break_listing(tmp_path):
 
     cluster = Cluster(tmp_path)
     try:
+        cluster.wait_serving()  # the server created the schema
         with open_store(f"sqlite:///{cluster.db_path}") as store:
             small = store.create_experiment("small", digits_spec("small"))
             big = [store.create_experiment(f"huge-{i}", {**digits_spec(f"huge-{i}"), "pad": "x" * (30 << 20)})

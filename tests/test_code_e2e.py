@@ -7,9 +7,12 @@ loopback), real workers, the examples/attach scripts submitted as code with the 
   prints and ends by itself when the run does;
 - cancelled: every process of the command's group (a background `sleep` included) gone;
 - a worker killed (SIGKILL; its command dies with it, through the lifeline) and the run
-  resumed on another worker with another working directory from the artifact store,
-  every step stored once and the steps before the checkpoint still the first attempt's;
-  the same with the store in S3 (moto's server, tests/s3.py).
+  resumed on another worker with another working directory from the artifact store in S3
+  (moto's server, tests/s3.py), every step stored once and the steps before the checkpoint
+  still the first attempt's. The store is one interface (server/artifacts): the directory
+  store on this path (another box fetching a checkpoint from it) is proven with real
+  processes by test_faults.py::test_worker_killed_mid_run_resumes_from_checkpoint, and
+  both stores blob for blob by test_artifact_store.py.
 """
 from __future__ import annotations
 
@@ -182,18 +185,14 @@ def test_cancel_ends_the_whole_process_group(box, tmp_path):
 # ---------------------------------------------------------------------- two boxes: kill, resume elsewhere
 
 
-@pytest.mark.parametrize("store", ["dir", "s3"])
-def test_killed_worker_the_run_resumes_on_another_box_from_the_artifact_store(tmp_path, request, monkeypatch, store):
-    args: list[str] = []
-    if store == "s3":  # the server process's store in moto's S3 server, through s3fs
-        s3 = request.getfixturevalue("s3_server")
-        args += ["--artifacts", s3.url()]
-        for k, v in s3.env.items():
-            monkeypatch.setenv(k, v)
-    c = Cluster(tmp_path, FAST_LEASE + args)
+def test_killed_worker_the_run_resumes_on_another_box_from_the_artifact_store(tmp_path, monkeypatch, s3_server):
+    # The server process's store in moto's S3 server, through s3fs.
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    c = Cluster(tmp_path, [*FAST_LEASE, "--artifacts", s3_server.url()])
     try:
         epochs = 10
-        job = _job(tmp_path, f"roam-{store}", f"python resumable.py --epochs {epochs} --step-delay 0.03",
+        job = _job(tmp_path, "roam-s3", f"python resumable.py --epochs {epochs} --step-delay 0.03",
                    "resumable", max_restarts=2)
         box_a, box_b = tmp_path / "box-a", tmp_path / "box-b"
         w0 = c.add_worker("w0", "--workdir", str(box_a))

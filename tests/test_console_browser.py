@@ -62,6 +62,7 @@ def live(tmp_path_factory):
     http_port = free_port()
     c = Cluster(tmp, server_args=["--http", f"127.0.0.1:{http_port}"])
     c.add_worker("w-browser")
+    c.wait_serving()  # the console's port is up too
     c.url = f"http://127.0.0.1:{http_port}"
     c.ids = {}
     yield c
@@ -191,6 +192,7 @@ def test_wrong_token_gets_a_clear_message(tmp_path, browser):
     http_port = free_port()
     c = Cluster(tmp_path, server_args=["--http", f"127.0.0.1:{http_port}", "--client-token", TOKEN])
     try:
+        c.wait_serving()
         ctx = browser.new_context(viewport={"width": 1200, "height": 500})
         page = ctx.new_page()
         page.goto(f"http://127.0.0.1:{http_port}/#/")

@@ -7,12 +7,23 @@ import threading
 
 import pytest
 
-from tests.conftest import digits_spec
+from tests.conftest import Cluster, digits_spec
 from trainctl.spec import parse_spec
 from trainctl.workers.engine.data import build_data
 from trainctl.schedules import build_schedule
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One server and one worker for the module: the server start and the worker's torch
+    import are paid once. Each test waits for every run it submits to end, so no test
+    sees another's run, and each ends checking that the worker still trains."""
+    c = Cluster(tmp_path_factory.mktemp("e2e"))
+    c.add_worker("w0")
+    yield c
+    c.stop()
 
 
 def _schedule_for(spec_dict: dict):
@@ -23,7 +34,6 @@ def _schedule_for(spec_dict: dict):
 
 
 def test_submit_watch_steer_and_history(cluster):
-    cluster.add_worker("w0")
     spec = digits_spec("e2e", epochs=4, control=[{"at_step": 10, "scale_lr": 0.5}])
     with cluster.client() as c:
         x = c.submit(spec)
@@ -96,7 +106,6 @@ def test_submit_watch_steer_and_history(cluster):
 
 
 def test_cancel_running_experiment(cluster):
-    cluster.add_worker("w0")
     with cluster.client() as c:
         x = c.submit(digits_spec("to-cancel", epochs=50))
         for ev in c.watch(x.id):
@@ -112,7 +121,6 @@ def test_cancel_running_experiment(cluster):
 
 
 def test_training_failure_is_reported_not_crashed(cluster, tmp_path):
-    cluster.add_worker("w0")
     with cluster.client() as c:
         spec = digits_spec("bad-path", epochs=1)
         spec["data"] = {"dataset": "imagefolder", "path": str(tmp_path / "nowhere")}
@@ -126,7 +134,6 @@ def test_training_failure_is_reported_not_crashed(cluster, tmp_path):
 
 
 def test_replay_reproduces_the_run_bit_for_bit(cluster):
-    cluster.add_worker("w0")
     with cluster.client() as c:
         x = c.submit(digits_spec("orig", epochs=2, max_steps=6, control=[{"at_step": 2, "scale_lr": 0.5}]))
         for ev in c.watch(x.id):
@@ -147,7 +154,6 @@ def test_replay_reproduces_the_run_bit_for_bit(cluster):
 
 
 def test_out_of_memory_fails_the_run_with_the_reason(cluster):
-    cluster.add_worker("w0")
     with cluster.client() as c:
         # A ViT with a 2**20-wide embedding: one 13 TB weight, refused by the allocator at
         # once (a real out-of-memory, without pushing the machine into swap).

@@ -3,6 +3,7 @@ a stale worker comes back, workers stop gracefully. Nothing lost, nothing double
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sqlite3
 import time
@@ -19,6 +20,20 @@ FAST_LEASE = ["--heartbeat", "0.5", "--lease-timeout", "3"]
 @pytest.fixture
 def fast_cluster(tmp_path):
     c = Cluster(tmp_path, FAST_LEASE)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def survivor(tmp_path_factory):
+    """One server and one worker w0 for the faults the worker lives through (the server
+    killed and restarted on its database, stopped, its database locked): each test waits
+    for its run to end, and leaves the cluster whole. Saves a server start and a worker's
+    torch import per test. Logs at INFO (lifecycle lines)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRAINCTL_LOG", "INFO")
+        c = Cluster(tmp_path_factory.mktemp("survivor"), FAST_LEASE)
+        c.add_worker("w0")
     yield c
     c.stop()
 
@@ -53,6 +68,16 @@ def _losses(c, exp_id: int) -> list[float]:
     return c.metrics(exp_id, scope="step", names=["loss"])["STEP/loss"]["value"]
 
 
+def _on(c, exp_id: int, worker_id: str, timeout: float = 180) -> None:
+    """Wait until `worker_id` holds the run, so that a worker started next has nothing to
+    take until the fault hands the run back (its torch import then overlaps the lease
+    wait instead of following it)."""
+    deadline = time.monotonic() + timeout
+    while c.get(exp_id).worker_id != worker_id:
+        assert time.monotonic() < deadline, f"experiment {exp_id} never reached {worker_id}"
+        time.sleep(0.05)
+
+
 def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster, tmp_path):
     """...on another box: the second worker has its own empty workdir, so the checkpoint
     comes from the artifact store (workers/checkpoint_sync.py)."""
@@ -62,6 +87,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster, tmp_path):
     assert c.wait(ref.id, timeout=180).state == "COMPLETED", fast_cluster.logs()
 
     x = c.submit(_spec("killed"))
+    _on(c, x.id, "w0")
+    fast_cluster.add_worker("w1", "--workdir", str(tmp_path / "box-b"))   # nothing of w0's on its disk
     _wait_epoch(c, x.id, 1)               # epochs 0 and 1 done, checkpoints written...
     deadline = time.monotonic() + 60      # ...and the one after epoch 1 stored (uploads run behind training)
     while not any(a.kind == "checkpoint" and a.step >= 16 for a in c.artifacts(x.id)):
@@ -74,10 +101,8 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster, tmp_path):
             break
     noticed = time.monotonic() - t_kill
     assert noticed < 3 + 2.5, f"requeue took {noticed:.1f} s"
-    q = c.get(x.id)
-    assert "w0 lost" in q.message
+    assert "w0 lost" in ev.experiment.message, ev.experiment
 
-    fast_cluster.add_worker("w1", "--workdir", str(tmp_path / "box-b"))   # nothing of w0's on its disk
     events = experiment_events(c, x.id)
     final = events[-1]
     assert final.state == "COMPLETED", fast_cluster.logs()
@@ -101,45 +126,18 @@ def test_gives_up_after_max_restarts(fast_cluster):
     assert "w0 lost" in final.message and "gave up after 0 restarts" in final.message
 
 
-def test_stale_worker_is_fenced_and_drops_the_run(fast_cluster):
-    c = fast_cluster.client()
-    w0 = fast_cluster.add_worker("w0")
-    x = c.submit(digits_spec("stale", epochs=6, max_steps=8))
-    _wait_epoch(c, x.id, 0)
-    os.killpg(w0.popen.pid, signal.SIGSTOP)  # frozen (agent and run process), not dead: its lease expires
-    for ev in c.watch(x.id, live_only=True):
-        if ev.kind == "experiment" and ev.experiment.state == "QUEUED":
-            break
-    fast_cluster.add_worker("w1")
-    for ev in c.watch(x.id, live_only=True):
-        if ev.kind == "experiment" and ev.experiment.attempt == 2 and ev.experiment.state == "RUNNING":
-            break
-    os.killpg(w0.popen.pid, signal.SIGCONT)  # comes back believing it still owns attempt 1
-    final = c.wait(x.id, timeout=180)
-    assert final.state == "COMPLETED" and final.attempt == 2 and final.worker_id == "w1", fast_cluster.logs()
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=48, epochs=6)
-    with sqlite3.connect(fast_cluster.db_path) as db:
-        # epoch 0's rows (steps 0-7, its EPOCH row at step 8) are attempt 1's, legitimately
-        attempts = {a for (a,) in db.execute("SELECT DISTINCT attempt FROM metrics WHERE experiment_id=? "
-                                             "AND scope='STEP' AND step >= 8", (x.id,))}
-    assert attempts == {2}, "a fenced attempt wrote metrics after the new attempt took over"
-    time.sleep(1.0)
-    assert "fenced" in w0.output() or "fenced" in fast_cluster.server.output()
-
-
-def test_server_killed_mid_run_loses_nothing(fast_cluster):
-    c = fast_cluster.client()
-    fast_cluster.add_worker("w0")
+def test_server_killed_mid_run_loses_nothing(survivor):
+    c = survivor.client()
     x = c.submit(digits_spec("server-dies", epochs=6, max_steps=8))
     _wait_epoch(c, x.id, 0)
-    fast_cluster.server.stop(signal.SIGKILL)
+    survivor.server.stop(signal.SIGKILL)
     time.sleep(2.0)                        # the worker keeps training, buffering metrics
-    fast_cluster.start_server()
-    c = fast_cluster.client()
+    survivor.start_server()
+    c = survivor.client()
     final = c.wait(x.id, timeout=180)
-    assert final.state == "COMPLETED", fast_cluster.logs()
+    assert final.state == "COMPLETED", survivor.logs()
     assert final.attempt == 1               # the worker re-adopted its run: no restart
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=48, epochs=6)
+    _assert_complete_history(survivor.db_path, x.id, steps=48, epochs=6)
     # a watcher resuming from a step sees the rest exactly once
     steps = [ev.step for ev in c.watch(x.id, from_step=20) if ev.kind == "step"]
     assert steps == list(range(20, 48))
@@ -160,6 +158,7 @@ def test_worker_sigterm_hands_the_run_back(fast_cluster):
 
 
 def test_server_sigterm_exits_cleanly(fast_cluster):
+    fast_cluster.wait_serving()
     assert fast_cluster.server.stop(signal.SIGTERM) == 0
     assert "Traceback" not in fast_cluster.server.output()
 
@@ -204,18 +203,17 @@ def _ckpts(d) -> list[str]:
     return sorted((p.name for p in d.glob("ckpt-*.pt")), key=lambda n: int(n.split("-")[1]))
 
 
-def test_server_stopped_past_the_lease_loses_nothing_and_spends_no_restart(fast_cluster, info_logs):
-    c = fast_cluster.client()
-    fast_cluster.add_worker("w0")
+def test_server_stopped_past_the_lease_loses_nothing_and_spends_no_restart(survivor):
+    c = survivor.client()
     x = c.submit(_small_spec("server-frozen"))
     _wait_epoch(c, x.id, 0, timeout=300)
-    os.kill(fast_cluster.server.popen.pid, signal.SIGSTOP)   # 2x the lease: no news from anyone
+    os.kill(survivor.server.popen.pid, signal.SIGSTOP)       # 2x the lease: no news from anyone
     time.sleep(6.0)
-    os.kill(fast_cluster.server.popen.pid, signal.SIGCONT)
+    os.kill(survivor.server.popen.pid, signal.SIGCONT)
     final = c.wait(x.id, timeout=300)
-    assert final.state == "COMPLETED", fast_cluster.logs()
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=36, epochs=6)
-    assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 1, 0), "the server's own stall cost a restart"
+    assert final.state == "COMPLETED", survivor.logs()
+    _assert_complete_history(survivor.db_path, x.id, steps=36, epochs=6)
+    assert _row(survivor.db_path, x.id) == ("COMPLETED", 1, 0), "the server's own stall cost a restart"
 
 
 def _hold_write_lock(db_path, seconds: float):
@@ -234,17 +232,16 @@ def _hold_write_lock(db_path, seconds: float):
     return p
 
 
-def test_held_database_write_lock_loses_nothing_and_spends_no_restart(fast_cluster, info_logs):
-    c = fast_cluster.client()
-    fast_cluster.add_worker("w0")
+def test_held_database_write_lock_loses_nothing_and_spends_no_restart(survivor):
+    c = survivor.client()
     x = c.submit(_small_spec("db-locked"))
     _wait_epoch(c, x.id, 0, timeout=300)
-    locker = _hold_write_lock(fast_cluster.db_path, 8.0)     # > 2x the lease
+    locker = _hold_write_lock(survivor.db_path, 8.0)         # > 2x the lease
     assert locker.wait(60) == 0
     final = c.wait(x.id, timeout=300)
-    assert final.state == "COMPLETED", fast_cluster.logs()
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=36, epochs=6)
-    assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 1, 0), "a held DB lock cost a restart"
+    assert final.state == "COMPLETED", survivor.logs()
+    _assert_complete_history(survivor.db_path, x.id, steps=36, epochs=6)
+    assert _row(survivor.db_path, x.id) == ("COMPLETED", 1, 0), "a held DB lock cost a restart"
 
 
 class _TmpfsCluster(Cluster):
@@ -256,9 +253,9 @@ class _TmpfsCluster(Cluster):
         # folder, and its checkpoints would fill it before the test does).
         super().__init__(tmp, [*server_args, "--artifacts", str(tmp / "artifacts")])
 
-    def start_server(self):
+    def start_server(self, wait: bool = True):
         self.db_path = self.mount / "trainctl.db"
-        return super().start_server()
+        return super().start_server(wait)
 
 
 def test_database_on_a_full_filesystem_orphans_nothing(tmp_path, info_logs):
@@ -303,9 +300,15 @@ def test_database_on_a_full_filesystem_orphans_nothing(tmp_path, info_logs):
 def test_fresh_database_over_an_old_workdir_never_resumes_the_old_run(tmp_path, info_logs):
     workdir = tmp_path / "runs"
     (tmp_path / "old").mkdir()
-    old = Cluster(tmp_path / "old", FAST_LEASE)
+    (tmp_path / "new").mkdir()
+    # Both servers and all three workers start at once (their torch imports overlap); the
+    # new cluster's workers have nothing to run until the old run is over.
+    old = new = None
     try:
+        old = Cluster(tmp_path / "old", FAST_LEASE)
+        new = Cluster(tmp_path / "new", FAST_LEASE)         # a fresh database: experiment ids start at 1 again
         old.add_worker("w0", "--workdir", str(workdir))
+        new_workers = {w: new.add_worker(w, "--workdir", str(workdir)) for w in ("w0", "w1")}
         c = old.client()
         x = c.submit(_small_spec("old-run", epochs=3, steps=4, keep_checkpoints=2))
         assert x.id == 1 and c.wait(x.id, timeout=300).state == "COMPLETED", old.logs()
@@ -314,33 +317,37 @@ def test_fresh_database_over_an_old_workdir_never_resumes_the_old_run(tmp_path, 
         while _ckpts(old_dir) != ["ckpt-8-a1.pt", "ckpt-12-a1.pt"]:
             assert time.monotonic() < deadline, _ckpts(old_dir)
             time.sleep(0.2)
-    finally:
         old.stop()
 
-    (tmp_path / "new").mkdir()
-    new = Cluster(tmp_path / "new", FAST_LEASE)             # a fresh database: experiment ids start at 1 again
-    try:
-        w0 = new.add_worker("w0", "--workdir", str(workdir))
         c = new.client()
         y = c.submit(_small_spec("new-run", epochs=4, steps=4, seed=5))
         assert y.id == 1
         _wait_epoch(c, y.id, 1, timeout=300)
-        _kill_group(w0)
+        holder = c.get(y.id).worker_id                      # either new worker: same workdir
+        (other,) = [p for w, p in new_workers.items() if w != holder]
         new_dir = _ckpt_dir(new, 1, workdir)
         assert new_dir != old_dir
-        # Someone copies the old run's newest checkpoint in, named like this run's newest.
-        step = int(_ckpts(new_dir)[-1].split("-")[1])
-        (new_dir / f"ckpt-{step}-a9.pt").write_bytes((old_dir / "ckpt-12-a1.pt").read_bytes())
-        w1 = new.add_worker("w1", "--workdir", str(workdir))
+        # The other worker frozen for the few ms the forged file takes (far inside the lease;
+        # the requeue comes >= 2.5 s after the kill): it can only ever see the forged file.
+        os.killpg(other.popen.pid, signal.SIGSTOP)
+        try:
+            _kill_group(new_workers[holder])
+            # Someone copies the old run's newest checkpoint in, named like this run's newest.
+            step = int(_ckpts(new_dir)[-1].split("-")[1])
+            shutil.copyfile(old_dir / "ckpt-12-a1.pt", new_dir / f"ckpt-{step}-a9.pt")
+        finally:
+            os.killpg(other.popen.pid, signal.SIGCONT)
         final = c.wait(y.id, timeout=300)
         assert final.state == "COMPLETED" and final.attempt == 2, new.logs()
         _assert_complete_history(new.db_path, y.id, steps=16, epochs=4)
-        out = w1.output()
+        out = other.output()
         assert f"ckpt-{step}-a9.pt not resumed: it belongs to store" in out, out
         resumed = [line for line in out.splitlines() if "attempt 2: resumed from" in line]
         assert resumed and "-a1.pt (attempt 1)" in resumed[0], out
     finally:
-        new.stop()
+        for cluster in (old, new):
+            if cluster is not None:
+                cluster.stop()
 
 
 def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, info_logs):
@@ -377,7 +384,10 @@ def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, i
     assert (d / (names[1] + ".corrupt")).exists()           # kept for a look; the good ones are gone
 
 
-def test_fenced_attempt_stops_and_nothing_it_wrote_is_resumed(fast_cluster, info_logs):
+def test_fenced_attempt_stops_and_nothing_it_wrote_is_delivered_or_resumed(fast_cluster, info_logs):
+    """A stale worker (frozen past its lease, then back, believing it still owns attempt 1)
+    is fenced: it stops, its checkpoints go, none of its metrics land after attempt 2 took
+    over, and a later attempt resumes from attempt 2's work only."""
     c = fast_cluster.client()
     w0 = fast_cluster.add_worker("w0")
     x = c.submit(_small_spec("fenced", epochs=6, steps=4))
@@ -390,6 +400,7 @@ def test_fenced_attempt_stops_and_nothing_it_wrote_is_resumed(fast_cluster, info
     for ev in c.watch(x.id, live_only=True):
         if ev.kind == "experiment" and ev.experiment.attempt == 2 and ev.experiment.state == "RUNNING":
             break
+    assert ev.experiment.worker_id == "w1", ev.experiment
     os.killpg(w0.popen.pid, signal.SIGCONT)                 # it wakes up believing it owns attempt 1
     d = _ckpt_dir(fast_cluster, x.id)
     deadline = time.monotonic() + 60

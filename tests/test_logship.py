@@ -19,7 +19,7 @@ from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.v1 import trainctl_pb2_grpc as pb_grpc
 from trainctl.workers.logship import MAX_TEXT_BYTES, LogShipper
 
-from tests.conftest import digits_spec
+from tests.conftest import Cluster, digits_spec
 from tests.scripted import in_loop, running_server
 
 
@@ -229,9 +229,18 @@ async def test_unacked_lines_are_resent_after_a_reconnect_and_stored_once(tmp_pa
 # ---------------------------------------------------------------- real processes
 
 
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """One server and one worker for the two real-process tests below (the second kills
+    the server and starts it again on the same database; the worker lives through it)."""
+    c = Cluster(tmp_path_factory.mktemp("logship"))
+    c.add_worker("w0")
+    yield c
+    c.stop()
+
+
 @pytest.mark.slow
 def test_a_spec_runs_logging_reaches_trainctl_logs(cluster):
-    cluster.add_worker("w0")
     c = cluster.client()
     x = c.submit(digits_spec("logged", epochs=2, max_steps=3))
     assert c.wait(x.id, timeout=300).state == "COMPLETED", cluster.logs()
@@ -272,7 +281,6 @@ def test_a_commands_output_survives_a_server_kill_exactly_once(cluster, tmp_path
     code = tmp_path / "code"
     code.mkdir()
     (code / "chatty.py").write_text(CHATTY)
-    cluster.add_worker("w0")
     c = cluster.client()
     n = 1500
     x = c.submit({"name": "chatty", "command": f"{sys.executable} chatty.py {n} 250", "max_restarts": 0},

@@ -17,7 +17,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from tests.conftest import Cluster, Proc, digits_spec, wait_healthy
+from tests.conftest import Cluster, Proc, digits_spec
 from trainctl.server.store import SchemaTooNew, SqlAlchemyStore, open_store
 
 pytest_plugins = ["tests.pg"]  # pg_server / pg_url / db_url
@@ -228,11 +228,12 @@ class PgCluster(Cluster):
         self.db_url = db_url
         super().__init__(tmp)
 
-    def start_server(self) -> Proc:
-        self.server = Proc(["server", "--listen", self.address, "--db", self.db_url],
+    def start_server(self, wait: bool = True) -> Proc:
+        # Its own artifact store: beside a PostgreSQL URL the default is ./artifacts (the checkout).
+        self.server = Proc(["server", "--listen", self._address, "--db", self.db_url,
+                            "--artifacts", str(self.tmp / "artifacts")],
                            self.tmp / f"server-{time.monotonic_ns()}.log")
-        wait_healthy(self.address, self.server)
-        return self.server
+        return self._started(wait)
 
 
 @pytest.mark.slow
