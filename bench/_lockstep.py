@@ -12,20 +12,11 @@ import sys
 import threading
 import time
 
-from _common import ROOT, bootstrap_ci, median, thread_env
+from _common import ROOT, bootstrap_ci, cpu_s, median, thread_env
 from _peer_arms import ArmProcess
 
 THREADS = 1  # torch intra-op threads of every arm (peers.py --threads)
 WARMUP = 200  # untimed steps per arm before the lockstep
-
-
-def proc_cpu(pid: int) -> float:
-    import psutil
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
 
 
 class Watcher:
@@ -40,7 +31,7 @@ class Watcher:
             raise RuntimeError(f"watcher of run {run_id} did not start (rc {self.p.poll()})")
 
     def cpu(self) -> float:
-        return proc_cpu(self.p.pid)
+        return cpu_s(self.p.pid)
 
     def finish(self, timeout: float = 60) -> tuple[dict, float]:
         """What it saw and its whole CPU (its rusage, all threads), once the run is over and

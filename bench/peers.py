@@ -54,8 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _lockstep  # noqa: E402
-from _common import Cluster, machine, median, table  # noqa: E402
-from _lockstep import WARMUP, Watcher, ci, lockstep, order, proc_cpu, start_arms  # noqa: E402
+from _common import Cluster, cpu_s, machine, median, table  # noqa: E402
+from _lockstep import WARMUP, Watcher, ci, lockstep, order, start_arms  # noqa: E402
 from _peer_trainctl import ack_latency, outage  # noqa: E402
 
 ARMS = ["bare", "trainctl", "tensorboard", "mlflow", "mlflow-async", "wandb"]
@@ -99,7 +99,7 @@ def peers(steps: int, slice_n: int, wanted: list[str], dump: str = "") -> None:
         print(f"lockstep: {len(names)} arms, {cycles} cycles x {slice_n} steps (bare warm-up "
               f"{(WARMUP - WARMUP // 2) / warm['bare']['t']:.0f} steps/s)", flush=True)
         mark = {a: arms[a].ask("mark") for a in names}
-        h0 = {a: proc_cpu(clusters[a].server.pid) + watchers[a].cpu() for a in clusters}
+        h0 = {a: cpu_s(clusters[a].server.pid) + watchers[a].cpu() for a in clusters}
         got = lockstep(arms, slice_n, cycles, t0=time.perf_counter())
         fin, helper, seen = {}, {}, {}
         for a in order(names, cycles):  # flushes one at a time
@@ -107,7 +107,7 @@ def peers(steps: int, slice_n: int, wanted: list[str], dump: str = "") -> None:
             helper[a] = fin[a]["helper_cpu"] - mark[a]["helper_cpu"]
             if a in clusters:
                 w, w_cpu = watchers[a].finish()
-                helper[a] += proc_cpu(clusters[a].server.pid) + w_cpu - h0[a]
+                helper[a] += cpu_s(clusters[a].server.pid) + w_cpu - h0[a]
                 with clusters[a].client() as c:
                     fin[a]["points"] = sum(len(s["step"]) for s in c.metrics(run_ids[a]).values())
                 seen[a] = f"{w['n']} rows, in order: {w['in_order']}"

@@ -220,8 +220,7 @@ class LocalEndpoint:
             if body.state in _FINAL:  # kept here until the command exits: the SDK's finish() is done
                 with self._lock:
                     seq = self._acked.get(session, 0)
-                out.put(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=self.experiment_id, attempt=self.attempt,
-                                                               seq=seq, final=True)))
+                out.put(self._batch_ack(seq, final=True))
         elif kind == "ack":
             with self._lock:
                 self._pending.pop(body.command_id, None)
@@ -252,9 +251,12 @@ class LocalEndpoint:
                     self._acked.popitem(last=False)
         if fresh and rows:
             self._progress(max(r[1] for r in rows))
-        out.put(pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=self.experiment_id, attempt=self.attempt,
-                                                       seq=seq)))
+        out.put(self._batch_ack(seq))
         return None
+
+    def _batch_ack(self, seq: int, final: bool = False) -> pb.ServerMessage:
+        return pb.ServerMessage(batch_ack=pb.BatchAck(experiment_id=self.experiment_id, attempt=self.attempt, seq=seq,
+                                                      final=final))
 
     def _state(self, st: pb.StateUpdate) -> None:
         if st.state in _FINAL:

@@ -109,15 +109,16 @@ class MetricsMixin:
                 if not params:
                     return 0
                 conn = s.connection()
-                top = -1
+                start = done
                 while done < len(params):
                     part = params[done:done + WRITE_PART]
                     done += len(part)
                     self._upsert_points(conn, part)
-                    self._rollup.update(conn, experiment_id, scope, part)  # same transaction
-                    top = max(top, max(map(_STEP, part)))
                     if done < len(params) and self._write_lock.waiting():
                         break  # commit this much; the waiting write goes next (writelock.py)
+                written = params[start:done]
+                self._rollup.update(conn, experiment_id, scope, written)  # same transaction
+                top = max(map(_STEP, written))
                 conn.execute(
                     update(ExperimentModel.__table__)
                     .where(ExperimentModel.id == experiment_id, ExperimentModel.last_step < top)
