@@ -24,7 +24,7 @@ import grpc
 
 from trainctl.server import convert, knobs, steering
 from trainctl.server.store import entities as e
-from trainctl.server.store.errors import AlreadyExists, StoreError
+from trainctl.server.store.errors import AlreadyExists, NotFound, StoreError
 from trainctl.spec import check_control_value, parse_spec
 from trainctl.v1 import trainctl_pb2 as pb
 from trainctl.controls import KNOB_VERB, verb_of
@@ -36,6 +36,52 @@ _SOURCES = {pb.CONTROL_SOURCE_UNSPECIFIED: e.LIVE, pb.LIVE: e.LIVE, pb.CONSOLE: 
 
 
 async def control(service, request: pb.ControlRequest, context) -> pb.ControlRecord:
+    verb = await _checked_verb(request, context)
+    source = _SOURCES[request.source]
+    # A live attached run whose SDK is connected is RUNNING and its SDK decides (its ack
+    # says why): nothing to read first, so the command is stored and sent at once.
+    held = None if verb == KNOB_VERB or request.dry_run else service.dispatcher.attached_run(request.experiment_id)
+    if held is None:
+        x = await service._get(request.experiment_id, context)
+        decision = await _decision(service, x, verb, request, context)
+        if request.dry_run:
+            return _dry_run_record(x.id, pb.ControlKind.Name(request.kind), request, source, decision)
+        attempt = x.attempt
+    else:
+        attempt = held[1]
+    experiment_id = request.experiment_id
+    command_id = request.command_id or uuid.uuid4().hex
+    now = time.time()
+    try:
+        rec = await service.db(service.store.add_control, e.ControlRecord(
+            command_id=command_id, experiment_id=experiment_id, kind=pb.ControlKind.Name(request.kind),
+            value=float(request.value), status=e.PENDING, source=source, requested_at=now, hold=bool(request.hold),
+            knob=request.knob))
+    except AlreadyExists as exc:
+        await context.abort(grpc.StatusCode.ALREADY_EXISTS,
+                            f"command_id: {exc}; a retry must repeat the same kind, value and hold")
+    except NotFound as exc:
+        await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
+    if rec.status != e.PENDING:  # an idempotent retry of a command already resolved (or the run just ended)
+        return convert.control_to_pb(rec)
+    retry = rec.requested_at != now  # the stored record is an earlier call's: it was sent then
+    session = service.dispatcher.session_for(experiment_id)
+    if session is None:  # QUEUED (or between workers): delivered with the assignment
+        return convert.control_to_pb(rec)
+    ack = service.live.expect_control(experiment_id, command_id)
+    if not retry:  # sending a retry again would apply the command twice
+        session.send(pb.ServerMessage(control=pb.ControlCommand(
+            experiment_id=experiment_id, attempt=attempt, command_id=command_id, kind=request.kind,
+            value=request.value, hold=request.hold, knob=request.knob)))
+    done = await service.live.wait_control(experiment_id, command_id, ack, request.wait_seconds or DEFAULT_CONTROL_WAIT)
+    if done is None and retry:  # its ack may have come before this call started waiting
+        done = next((r for r in await service.db(service.store.list_controls, experiment_id)
+                     if r.command_id == command_id), None)
+    return convert.control_to_pb(done or rec)  # PENDING when wait_seconds passed first
+
+
+async def _checked_verb(request: pb.ControlRequest, context) -> str:
+    """The request's verb, once every field that needs no store read is checked."""
     verb = verb_of(request.kind)
     if verb is None:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"kind: unknown control kind {request.kind}")
@@ -49,14 +95,17 @@ async def control(service, request: pb.ControlRequest, context) -> pb.ControlRec
     if request.knob and verb != KNOB_VERB:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"knob: only SET_KNOB names a knob, not {pb.ControlKind.Name(request.kind)}")
-    source = _SOURCES.get(request.source)
-    if source is None:
+    if request.source not in _SOURCES:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"source: a client sends LIVE or CONSOLE, got {request.source}")
     if request.wait_seconds < 0 or not math.isfinite(request.wait_seconds) or request.wait_seconds > 600:
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                             f"wait_seconds: must be in [0, 600], got {request.wait_seconds}")
-    x = await service._get(request.experiment_id, context)
+    return verb
+
+
+async def _decision(service, x: e.Experiment, verb: str, request: pb.ControlRequest, context) -> "_Decision":
+    """Whether the run can take the command now and, for a dry run, what it would do."""
     if x.is_final:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                             f"experiment {x.id} is {x.state}; it can no longer be steered")
@@ -66,42 +115,14 @@ async def control(service, request: pb.ControlRequest, context) -> pb.ControlRec
         if why:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
         now_value = next(k.value for k in declared if k.name == request.knob)
-        decision = _Decision(old=now_value, new=request.value,
-                             consequence=f"knob {request.knob} {request.value:g} from the run's next step")
-    elif x.kind != e.SPEC:  # the user's loop (its config is no spec): the SDK decides, its ack says why
-        decision = _Decision()
-    else:
-        decision = await service.db(_decide, service.store, x, verb, request.value, request.hold, request.dry_run)
+        return _Decision(old=now_value, new=request.value,
+                         consequence=f"knob {request.knob} {request.value:g} from the run's next step")
+    if x.kind != e.SPEC:  # the user's loop (its config is no spec): the SDK decides, its ack says why
+        return _Decision()
+    decision = await service.db(_decide, service.store, x, verb, request.value, request.hold, request.dry_run)
     if decision.refusal:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, decision.refusal)
-    kind = pb.ControlKind.Name(request.kind)
-    if request.dry_run:
-        return _dry_run_record(x.id, kind, request, source, decision)
-    command_id = request.command_id or uuid.uuid4().hex
-    now = time.time()
-    try:
-        rec = await service.db(service.store.add_control, e.ControlRecord(
-            command_id=command_id, experiment_id=x.id, kind=kind, value=float(request.value), status=e.PENDING,
-            source=source, requested_at=now, hold=bool(request.hold), knob=request.knob))
-    except AlreadyExists as exc:
-        await context.abort(grpc.StatusCode.ALREADY_EXISTS,
-                            f"command_id: {exc}; a retry must repeat the same kind, value and hold")
-    if rec.status != e.PENDING:  # an idempotent retry of a command already resolved
-        return convert.control_to_pb(rec)
-    retry = rec.requested_at != now  # the stored record is an earlier call's: it was sent then
-    session = service.dispatcher.session_for(x.id)
-    if session is None:  # QUEUED (or between workers): delivered with the assignment
-        return convert.control_to_pb(rec)
-    ack = service.live.expect_control(x.id, command_id)
-    if not retry:  # sending a retry again would apply the command twice
-        session.send(pb.ServerMessage(control=pb.ControlCommand(
-            experiment_id=x.id, attempt=x.attempt, command_id=command_id, kind=request.kind, value=request.value,
-            hold=request.hold, knob=request.knob)))
-    done = await service.live.wait_control(x.id, command_id, ack, request.wait_seconds or DEFAULT_CONTROL_WAIT)
-    if done is None and retry:  # its ack may have come before this call started waiting
-        done = next((r for r in await service.db(service.store.list_controls, x.id) if r.command_id == command_id),
-                    None)
-    return convert.control_to_pb(done or rec)  # PENDING when wait_seconds passed first
+    return decision
 
 
 class _Decision:

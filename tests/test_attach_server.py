@@ -445,3 +445,52 @@ async def test_an_attach_retried_with_its_key_returns_the_same_run_not_a_second(
         again = await keyed(srv, replay_of=orig.id)
         assert again.experiment.id == a.experiment.id
         assert len(await srv.db(srv.store.list_experiments)) == 4
+
+
+@in_loop
+async def test_a_connected_attached_run_gets_a_command_without_a_read_first_and_every_command_ends(tmp_path):
+    """set-lr's short path (control_rpc): a live attached run whose SDK is connected is
+    RUNNING, so the command is stored and sent with no get_experiment before it. Whatever
+    the path, no command stays PENDING once the run ended (DESIGN.md invariants)."""
+    async with running_server(tmp_path, lease_timeout=5.0) as srv:
+        a = await attach(srv)
+        xid = a.experiment.id
+        s = await connect(srv, a)
+        await s.expect("welcome")
+        s.state(xid, 1, pb.RUNNING)
+        await srv.until(lambda: _state_is(srv, xid, pb.RUNNING), what="running")
+        reads = []
+        get_experiment = srv.store.get_experiment
+        srv.store.get_experiment = lambda id: reads.append(id) or get_experiment(id)
+        call = asyncio.ensure_future(srv.experiments.Control(
+            pb.ControlRequest(experiment_id=xid, kind=pb.SCALE_LR, value=0.5, wait_seconds=5)))
+        cmd = await s.expect("control")
+        assert (cmd.experiment_id, cmd.attempt, cmd.kind, cmd.value) == (xid, 1, pb.SCALE_LR, 0.5)
+        assert reads == []  # stored and sent without reading the run
+        s.send(ack=pb.ControlAck(experiment_id=xid, attempt=1, command_id=cmd.command_id, ok=True, applied_step=7,
+                                 old_value=0.1, new_value=0.05))
+        rec = await call
+        assert (rec.status, rec.applied_step, rec.new_value) == (pb.APPLIED, 7, 0.05)
+        srv.store.get_experiment = get_experiment
+
+        # The run ends in the store while the server still holds its lease (the moment
+        # between storing a final state and releasing the run): a command of that moment
+        # is stored EXPIRED, with the reason, never PENDING.
+        await srv.db(srv.store.transition, xid, 1, "COMPLETED", message="done")
+        assert srv.dispatcher.attached_run(xid) is not None
+        rec = await srv.experiments.Control(pb.ControlRequest(experiment_id=xid, kind=pb.SET_LR, value=0.01))
+        assert rec.status == pb.EXPIRED and "ended COMPLETED" in rec.message
+        # Once released, the long path refuses it as before; an unknown id is NOT_FOUND.
+        srv.dispatcher.release(xid, 1)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.experiments.Control(pb.ControlRequest(experiment_id=xid, kind=pb.SET_LR, value=0.01))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.experiments.Control(pb.ControlRequest(experiment_id=xid + 99, kind=pb.SET_LR, value=0.01))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        recs = await srv.db(srv.store.list_controls, xid)
+        assert [r.status for r in recs] == ["APPLIED", "EXPIRED"]
+
+
+async def _state_is(srv, xid, state):
+    return (await get(srv, xid)).state == state

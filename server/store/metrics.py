@@ -29,17 +29,18 @@ from .lineage import delivered as _delivered
 from .series import Rollup
 from .tables import ExperimentModel, metrics
 
-# A batch with more points than this is written in parts of this size, and commits
-# between parts when another write waits for the lock: a second of an attached run's
-# rows (~4,000 points, ~16 ms on SQLite) held a set-lr behind it for that long.
-WRITE_PART = 1024
-
 # On SQLite, one upsert statement carries this many rows (VALUES (...), (...), ...):
 # 960 parameters, under the 999 of old SQLite builds. executemany ran SQLite once per row
 # and let go of the GIL each time: 4,000 hand-overs a second of rows, which slowed every
 # other server thread (a set-lr's store calls took 2-10x longer meanwhile); this way the
 # upserts also take a third less time (a whole batch write a sixth to a quarter less).
 ROWS_PER_STATEMENT = 120
+
+# A batch with more points than this is written in parts of this size, and commits
+# between parts when another write waits for the lock: a second of an attached run's
+# rows (~4,000 points, ~16 ms on SQLite) held a set-lr behind it for that long. Two
+# upsert statements (~1 ms): set-lr waits that long at most for each of its two writes.
+WRITE_PART = 2 * ROWS_PER_STATEMENT
 
 # Parameter order of the metrics upsert (the table's column order).
 _METRIC_COLUMNS = ("experiment_id", "scope", "step", "epoch", "name", "value", "wall_time", "attempt")
