@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from trainctl.server.artifacts import default_location, open_blob_store
+from trainctl.server.artifacts import default_location, open_blob_store, sqlite_file
 from trainctl.server.artifacts.service import ArtifactsService
 from trainctl.server.auth import AuthInterceptor, TlsFiles, Tokens
 from trainctl.server.dispatcher import Dispatcher
@@ -160,6 +160,11 @@ async def _serve(address: str, config: ServerConfig) -> None:
         log.warning("no tokens configured: anyone who reaches %s can submit and steer runs", address)
     print(f"trainctl server listening on port {port}", flush=True)
     log.info("artifact store: %s (uploads up to %d MB)", server.artifacts.blobs.url, config.max_artifact_mb)
+    if config.artifacts is None and sqlite_file(config.db_url) is None:
+        # Beside a database server the default is wherever this process was started.
+        log.warning("artifacts (checkpoints, code, outputs) are kept in %s, under the directory the server was "
+                    "started in; pass --artifacts DIR|URL to keep them in one lasting place",
+                    server.artifacts.blobs.url)
     if server.metrics is not None:
         print(f"prometheus metrics on http://{server.host}:{server.metrics.port}/metrics", flush=True)
     if server.console is not None:

@@ -16,11 +16,16 @@ from .base import BlobMissing, BlobStore, IntegrityError, StoreFull
 
 def default_location(db_url: str) -> str:
     """`<db dir>/artifacts` for a SQLite file, else ./artifacts."""
+    db_file = sqlite_file(db_url)
+    return str((db_file.parent if db_file else Path()).resolve() / "artifacts")
+
+
+def sqlite_file(db_url: str) -> Path | None:
+    """The database file of a SQLite URL (or bare path); None for any other store."""
     url = db_url if "://" in db_url else f"sqlite:///{db_url}"
     if url.startswith("sqlite:///") and ":memory:" not in url:
-        db_path = Path(url[len("sqlite:///"):]).expanduser()
-        return str(db_path.resolve().parent / "artifacts")
-    return str(Path("artifacts").resolve())
+        return Path(url[len("sqlite:///"):]).expanduser()
+    return None
 
 
 def open_blob_store(location: str, storage_options: dict | None = None) -> BlobStore:
