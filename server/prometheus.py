@@ -25,7 +25,9 @@ except ImportError:  # the slim server image without the `metrics` extra
 log = logging.getLogger(__name__)
 
 # Steering is a human or a script waiting on an ack: from ~a step (ms) to a stuck run.
-CONTROL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# Fine below 50 ms, where the target lives (p99 <= one step + 20 ms, bench/RESULTS.md).
+CONTROL_BUCKETS = (0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.035, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                   10.0, 30.0, 60.0, 300.0)
 SCRAPE_LOOP_TIMEOUT = 2.0
 
 
