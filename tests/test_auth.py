@@ -59,9 +59,9 @@ def test_health_stays_open(secured):
 @pytest.mark.slow
 def test_worker_with_token_trains_and_bad_worker_exits(secured):
     bad = secured.add_worker("bad-worker", "--token", "wrong")
+    secured.add_worker("good-worker", "--token", WORKER_TOKEN)  # at once: its torch import overlaps the refusal
     assert bad.popen.wait(60) == 3
     assert "UNAUTHENTICATED" in bad.output()
-    secured.add_worker("good-worker", "--token", WORKER_TOKEN)
     with Client(secured.address, token=CLIENT_TOKEN) as c:
         x = c.submit(digits_spec("authed", epochs=1, max_steps=3))
         assert c.wait(x.id, timeout=120).state == "COMPLETED", secured.logs()

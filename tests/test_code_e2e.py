@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import Cluster, experiment_events, wait_for
+from tests.conftest import NO_SPEC_RUNS, Cluster, experiment_events, wait_for
 
 pytest_plugins = ["tests.s3"]  # s3_server: moto's S3 server on loopback, one per session
 
@@ -122,14 +122,14 @@ def box(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("code")
     c = Cluster(tmp, FAST_LEASE)
     c.workdir = tmp / "box"
-    c.add_worker("w0", "--workdir", str(c.workdir))
+    c.add_worker("w0", "--workdir", str(c.workdir), env=NO_SPEC_RUNS)
     yield c
     c.stop()
 
 
 def test_plain_loop_as_code_is_steered_and_its_logs_followed(box, tmp_path):
     epochs = 8
-    job = _job(tmp_path, "steer-code", f"python plain_loop.py --epochs {epochs} --step-delay 0.05", "plain_loop")
+    job = _job(tmp_path, "steer-code", f"python plain_loop.py --epochs {epochs} --step-delay 0.03", "plain_loop")
     exp_id = _submit(box.address, job)
     follow = subprocess.Popen([sys.executable, "-m", "trainctl.client.cli", "logs", str(exp_id), "-f"],
                               env={**os.environ, "TRAINCTL_SERVER": box.address}, stdout=subprocess.PIPE,
@@ -195,14 +195,14 @@ def test_killed_worker_the_run_resumes_on_another_box_from_the_artifact_store(tm
         job = _job(tmp_path, "roam-s3", f"python resumable.py --epochs {epochs} --step-delay 0.03",
                    "resumable", max_restarts=2)
         box_a, box_b = tmp_path / "box-a", tmp_path / "box-b"
-        w0 = c.add_worker("w0", "--workdir", str(box_a))
+        w0 = c.add_worker("w0", "--workdir", str(box_a), env=NO_SPEC_RUNS)
         exp_id = _submit(c.address, job)
         client = c.client()
         wait_for(lambda: (x := client.get(exp_id)).state == "RUNNING" and x.worker_id == "w0", 180,
                   f"experiment {exp_id} never ran on w0:\n{c.logs()}")
         # Box B starts now (its torch import overlaps the run; it has nothing to take until
         # box A is gone): nothing of box A's on its disk.
-        c.add_worker("w1", "--workdir", str(box_b))
+        c.add_worker("w1", "--workdir", str(box_b), env=NO_SPEC_RUNS)
 
         def stored_checkpoint():
             return [a for a in client.artifacts(exp_id, "checkpoint") if a.step >= 2 * STEPS_PER_EPOCH]

@@ -478,14 +478,14 @@ def test_no_code_worker_is_never_given_a_code_run(tmp_path):
 def code_cluster(tmp_path_factory):
     """A server, a --no-code worker (connected first, so it is offered every run first)
     and a worker that runs code."""
-    from tests.conftest import Cluster
+    from tests.conftest import NO_SPEC_RUNS, Cluster
 
     tmp = tmp_path_factory.mktemp("code")
     c = Cluster(tmp)
     try:
-        c.add_worker("w-nocode", "--no-code")
+        c.add_worker("w-nocode", "--no-code", env=NO_SPEC_RUNS)
         _until_connected(c, "w-nocode")
-        c.add_worker("w-code")
+        c.add_worker("w-code", env=NO_SPEC_RUNS)
         _until_connected(c, "w-code")
         yield c
     finally:
@@ -576,11 +576,11 @@ def test_real_memory_cap_fails_the_run_and_the_worker_keeps_serving(code_cluster
 def test_real_worker_on_a_full_disk_fails_the_run_and_keeps_serving(tmp_path, small_disk):
     """The worker's workdir (code cache, unpacked trees, its spill file) on a 16 MiB tmpfs;
     a command fills it: that run fails, the worker lives on and runs the next."""
-    from tests.conftest import Cluster
+    from tests.conftest import NO_SPEC_RUNS, Cluster
 
     c = Cluster(tmp_path)
     try:
-        c.add_worker("w-disk", "--workdir", str(small_disk))  # the last --workdir wins
+        c.add_worker("w-disk", "--workdir", str(small_disk), env=NO_SPEC_RUNS)  # the last --workdir wins
         _until_connected(c, "w-disk")
         filler = _submit(c, tmp_path, "dd if=/dev/zero of=fill bs=1M count=64")
         after = _submit(c, tmp_path, "sh main.sh")

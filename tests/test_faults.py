@@ -38,6 +38,34 @@ def survivor(tmp_path_factory):
     c.stop()
 
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """Two tests in a row (file order) on one server, the second killing the worker the
+    first leaves alive (_alive_or_new): a server start and a torch import saved."""
+    c = Cluster(tmp_path_factory.mktemp("pair"), FAST_LEASE)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory):
+    """Like `pair`, for three tests: each stops or kills one worker, finishes on a new one."""
+    c = Cluster(tmp_path_factory.mktemp("relay"), FAST_LEASE)
+    yield c
+    c.stop()
+
+
+def _alive_or_new(cluster, worker_id: str):
+    """The one live worker the previous test left, or a new one (the test run alone)."""
+    live = [w for w in cluster.workers if w.popen.poll() is None]
+    assert len(live) <= 1, [w.args for w in live]
+    return live[0] if live else cluster.add_worker(worker_id)
+
+
+def _wid(worker) -> str:
+    return worker.args[worker.args.index("--worker-id") + 1]
+
+
 def _spec(name: str, **kw) -> dict:
     # 4 epochs x 8 steps, checkpoint every epoch: small, yet long enough to kill mid-run.
     return digits_spec(name, epochs=4, max_steps=8, **kw)
@@ -78,21 +106,21 @@ def _on(c, exp_id: int, worker_id: str, timeout: float = 180) -> None:
         time.sleep(0.05)
 
 
-def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster, tmp_path):
+def test_worker_killed_mid_run_resumes_from_checkpoint(pair, tmp_path):
     """...on another box: the second worker has its own empty workdir, so the checkpoint
     comes from the artifact store (workers/checkpoint_sync.py)."""
-    c = fast_cluster.client()
-    w0 = fast_cluster.add_worker("w0")
+    w0 = pair.add_worker("w0")    # first: its torch import overlaps the server start
+    c = pair.client()
     ref = c.submit(_spec("reference"))
-    assert c.wait(ref.id, timeout=180).state == "COMPLETED", fast_cluster.logs()
+    assert c.wait(ref.id, timeout=180).state == "COMPLETED", pair.logs()
 
     x = c.submit(_spec("killed"))
     _on(c, x.id, "w0")
-    fast_cluster.add_worker("w1", "--workdir", str(tmp_path / "box-b"))   # nothing of w0's on its disk
+    pair.add_worker("w1", "--workdir", str(tmp_path / "box-b"))   # nothing of w0's on its disk
     _wait_epoch(c, x.id, 1)               # epochs 0 and 1 done, checkpoints written...
     deadline = time.monotonic() + 60      # ...and the one after epoch 1 stored (uploads run behind training)
     while not any(a.kind == "checkpoint" and a.step >= 16 for a in c.artifacts(x.id)):
-        assert time.monotonic() < deadline, fast_cluster.logs()
+        assert time.monotonic() < deadline, pair.logs()
         time.sleep(0.05)
     w0.stop(signal.SIGKILL)
     t_kill = time.monotonic()
@@ -105,25 +133,25 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(fast_cluster, tmp_path):
 
     events = experiment_events(c, x.id)
     final = events[-1]
-    assert final.state == "COMPLETED", fast_cluster.logs()
+    assert final.state == "COMPLETED", pair.logs()
     assert final.attempt == 2 and final.worker_id == "w1"
     why = " ".join(e.message for e in events if e.state == "RUNNING" and e.attempt == 2)
     assert "fetched from the artifact store" in why and "resumed from ckpt-" in why, why
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=32, epochs=4)
+    _assert_complete_history(pair.db_path, x.id, steps=32, epochs=4)
     # deterministic CPU training: the resumed run equals the uninterrupted one exactly
     assert _losses(c, x.id) == _losses(c, ref.id)
     assert final.summary["val_top1"] == c.get(ref.id).summary["val_top1"]
 
 
-def test_gives_up_after_max_restarts(fast_cluster):
-    c = fast_cluster.client()
-    w0 = fast_cluster.add_worker("w0")
+def test_gives_up_after_max_restarts(pair):
+    w = _alive_or_new(pair, "w1")          # the test above leaves w1 alive and idle
+    c = pair.client()
     x = c.submit({**_spec("fragile"), "max_restarts": 0})
     _wait_epoch(c, x.id, 0)
-    w0.stop(signal.SIGKILL)
+    w.stop(signal.SIGKILL)
     final = c.wait(x.id, timeout=60)
     assert final.state == "FAILED"
-    assert "w0 lost" in final.message and "gave up after 0 restarts" in final.message
+    assert f"{_wid(w)} lost" in final.message and "gave up after 0 restarts" in final.message
 
 
 def test_server_killed_mid_run_loses_nothing(survivor):
@@ -141,20 +169,6 @@ def test_server_killed_mid_run_loses_nothing(survivor):
     # a watcher resuming from a step sees the rest exactly once
     steps = [ev.step for ev in c.watch(x.id, from_step=20) if ev.kind == "step"]
     assert steps == list(range(20, 48))
-
-
-def test_worker_sigterm_hands_the_run_back(fast_cluster):
-    c = fast_cluster.client()
-    w0 = fast_cluster.add_worker("w0")
-    x = c.submit(digits_spec("handoff", epochs=4, max_steps=8))
-    _wait_epoch(c, x.id, 0)
-    assert w0.stop(signal.SIGTERM) == 0
-    q = c.get(x.id)
-    assert q.state == "QUEUED" and "handed back" in q.message
-    fast_cluster.add_worker("w1")
-    final = c.wait(x.id, timeout=180)
-    assert final.state == "COMPLETED", fast_cluster.logs()
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=32, epochs=4)
 
 
 def test_server_sigterm_exits_cleanly(fast_cluster):
@@ -271,8 +285,8 @@ def test_database_on_a_full_filesystem_orphans_nothing(tmp_path, info_logs):
     c = None
     try:
         c = _TmpfsCluster(tmp_path, mount, FAST_LEASE)
-        cl = c.client()
         w0 = c.add_worker("w0")
+        cl = c.client()
         x = cl.submit(_small_spec("disk-full"))
         _wait_epoch(cl, x.id, 1, timeout=300)
         filler = mount / "filler"
@@ -350,33 +364,56 @@ def test_fresh_database_over_an_old_workdir_never_resumes_the_old_run(tmp_path, 
                 cluster.stop()
 
 
-def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, info_logs):
-    c = fast_cluster.client()
-    w0 = fast_cluster.add_worker("w0")
+def test_worker_sigterm_hands_the_run_back(relay):
+    w0 = relay.add_worker("w0")            # the first of the relay
+    c = relay.client()
+    x = c.submit(digits_spec("handoff", epochs=4, max_steps=8))
+    _on(c, x.id, "w0")
+    relay.add_worker("w1")          # its torch import overlaps epoch 0; nothing to take until the hand-back
+    stream = c.watch(x.id, live_only=True)  # one stream: it sees the hand-back before w1 takes the run
+    next(ev for ev in stream if ev.kind == "epoch")
+    assert w0.stop(signal.SIGTERM) == 0
+    seen = []
+    for ev in stream:
+        if ev.kind == "experiment":
+            seen.append(ev.experiment)
+            if ev.experiment.is_final:
+                break
+    handed = [e for e in seen if e.state == "QUEUED"]
+    assert handed and handed[0].attempt == 1 and "handed back" in handed[0].message, seen
+    assert not any("lost" in e.message for e in seen), seen   # handed back, not found dead at lease expiry
+    final = seen[-1]
+    assert (final.state, final.attempt, final.worker_id) == ("COMPLETED", 2, "w1"), relay.logs()
+    _assert_complete_history(relay.db_path, x.id, steps=32, epochs=4)
+
+
+def test_truncated_checkpoint_is_set_aside_and_the_run_completes(relay, info_logs):
+    victim = _alive_or_new(relay, "w1")     # the test above leaves w1 alive and idle
+    c = relay.client()
     x = c.submit(_small_spec("torn", epochs=6, steps=4))
     _wait_epoch(c, x.id, 0, timeout=300)
-    d = _ckpt_dir(fast_cluster, x.id)
+    d = _ckpt_dir(relay, x.id)
     deadline = time.monotonic() + 300
     while len(_ckpts(d)) < 3:                               # epochs 0-2 checkpointed
-        assert time.monotonic() < deadline, fast_cluster.logs()
+        assert time.monotonic() < deadline, relay.logs()
         time.sleep(0.05)
-    _kill_group(w0)
+    _kill_group(victim)
     names = _ckpts(d)
     for name in names[1:]:                                  # torn: a disk that lied, a bad copy
         (d / name).write_bytes((d / name).read_bytes()[:1000])
     # The artifact store's copies are torn too (else the worker would fetch a good one,
     # test_checkpoint_sync.py): it must refuse to serve them, and the run fall back.
-    for blob in (fast_cluster.db_path.parent / "artifacts" / "blobs").rglob("*"):
+    for blob in (relay.db_path.parent / "artifacts" / "blobs").rglob("*"):
         if blob.is_file() and blob.stat().st_size > 1000:
             blob.write_bytes(blob.read_bytes()[:1000])
-    w1 = fast_cluster.add_worker("w1")
+    resumer = relay.add_worker("w2")
     events = experiment_events(c, x.id)
-    assert events[-1].state == "COMPLETED", fast_cluster.logs()
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=24, epochs=6)
-    assert _row(fast_cluster.db_path, x.id) == ("COMPLETED", 2, 1)
+    assert events[-1].state == "COMPLETED", relay.logs()
+    _assert_complete_history(relay.db_path, x.id, steps=24, epochs=6)
+    assert _row(relay.db_path, x.id) == ("COMPLETED", 2, 1)
     why = [e.message for e in events if e.state == "RUNNING" and e.attempt == 2]
     assert why and f"{names[1]} is unreadable" in why[-1] and f"resumed from {names[0]}" in why[-1], events
-    assert f"{names[1]} is unreadable" in w1.output()
+    assert f"{names[1]} is unreadable" in resumer.output()
     deadline = time.monotonic() + 30                        # removed just after COMPLETED is sent
     while list(d.glob("ckpt-*.pt")):
         assert time.monotonic() < deadline, _ckpts(d)
@@ -384,38 +421,38 @@ def test_truncated_checkpoint_is_set_aside_and_the_run_completes(fast_cluster, i
     assert (d / (names[1] + ".corrupt")).exists()           # kept for a look; the good ones are gone
 
 
-def test_fenced_attempt_stops_and_nothing_it_wrote_is_delivered_or_resumed(fast_cluster, info_logs):
+def test_fenced_attempt_stops_and_nothing_it_wrote_is_delivered_or_resumed(relay, info_logs):
     """A stale worker (frozen past its lease, then back, believing it still owns attempt 1)
     is fenced: it stops, its checkpoints go, none of its metrics land after attempt 2 took
     over, and a later attempt resumes from attempt 2's work only."""
-    c = fast_cluster.client()
-    w0 = fast_cluster.add_worker("w0")
+    stale = _alive_or_new(relay, "w2")      # the test above leaves w2 alive and idle
+    c = relay.client()
     x = c.submit(_small_spec("fenced", epochs=6, steps=4))
     _wait_epoch(c, x.id, 0, timeout=300)
-    os.killpg(w0.popen.pid, signal.SIGSTOP)                 # agent and run process frozen past the lease
+    os.killpg(stale.popen.pid, signal.SIGSTOP)              # agent and run process frozen past the lease
     for ev in c.watch(x.id, live_only=True):
         if ev.kind == "experiment" and ev.experiment.state == "QUEUED":
             break
-    w1 = fast_cluster.add_worker("w1")
+    w3 = relay.add_worker("w3")
     for ev in c.watch(x.id, live_only=True):
         if ev.kind == "experiment" and ev.experiment.attempt == 2 and ev.experiment.state == "RUNNING":
             break
-    assert ev.experiment.worker_id == "w1", ev.experiment
-    os.killpg(w0.popen.pid, signal.SIGCONT)                 # it wakes up believing it owns attempt 1
-    d = _ckpt_dir(fast_cluster, x.id)
+    assert ev.experiment.worker_id == "w3", ev.experiment
+    os.killpg(stale.popen.pid, signal.SIGCONT)              # it wakes up believing it owns attempt 1
+    d = _ckpt_dir(relay, x.id)
     deadline = time.monotonic() + 60
-    while "fenced: stopped" not in w0.output():
-        assert time.monotonic() < deadline, fast_cluster.logs()
+    while "fenced: stopped" not in stale.output():
+        assert time.monotonic() < deadline, relay.logs()
         time.sleep(0.2)
     assert not [n for n in _ckpts(d) if n.endswith("-a1.pt")], "a fenced attempt's checkpoints stayed"
     _wait_epoch(c, x.id, 3, timeout=300)
-    _kill_group(w1)                                         # the next attempt resumes: from attempt 2's work
+    _kill_group(w3)                                         # the next attempt resumes: from attempt 2's work
     final = c.wait(x.id, timeout=300)
-    assert final.state == "COMPLETED" and final.attempt == 3 and final.worker_id == "w0", fast_cluster.logs()
-    _assert_complete_history(fast_cluster.db_path, x.id, steps=24, epochs=6)
-    resumed = [line for line in w0.output().splitlines() if "attempt 3: resumed from" in line]
-    assert resumed and "-a2.pt (attempt 2)" in resumed[0], w0.output()
-    with sqlite3.connect(fast_cluster.db_path) as db:
+    assert final.state == "COMPLETED" and final.attempt == 3 and final.worker_id == _wid(stale), relay.logs()
+    _assert_complete_history(relay.db_path, x.id, steps=24, epochs=6)
+    resumed = [line for line in stale.output().splitlines() if "attempt 3: resumed from" in line]
+    assert resumed and "-a2.pt (attempt 2)" in resumed[0], stale.output()
+    with sqlite3.connect(relay.db_path) as db:
         first2 = db.execute("SELECT MIN(step) FROM metrics WHERE experiment_id=? AND attempt=2 AND scope='STEP'",
                             (x.id,)).fetchone()[0]
         late1 = db.execute("SELECT COUNT(*) FROM metrics WHERE experiment_id=? AND attempt=1 AND step>?",

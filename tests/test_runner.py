@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import digits_spec
+from tests.conftest import Cluster, digits_spec
 from trainctl.workers import pipe, run_process, runner
 from trainctl.workers.engine.context import Ack, Command
 
@@ -127,36 +127,38 @@ def _wait_step(c, exp_id: int, step: int) -> None:
     raise AssertionError(f"experiment {exp_id} ended before step {step}")
 
 
-def _training(cluster, c, spec: dict):
-    """A new worker training `spec` past step 3: (worker, experiment id, run process pid)."""
-    w = cluster.add_worker("w0")
+@pytest.fixture(scope="module")
+def box(tmp_path_factory):
+    """One server and one worker w0 for the agent-side tests below, in file order: the run
+    process killed and the agent frozen (w0 lives on through both), then the agent
+    killed (last: w0 is gone after it). Each waits for its run to end, so the next one's
+    run is the only one on w0. Saves a server start and a worker's torch import per test."""
+    c = Cluster(tmp_path_factory.mktemp("runner"))
+    c.add_worker("w0")
+    yield c
+    c.stop()
+
+
+def _training(cluster, spec: dict):
+    """w0 training `spec` past step 3: (client, worker, experiment id, run process pid)."""
+    (w,) = cluster.workers
+    c = cluster.client()
     x = c.submit(spec)
     _wait_step(c, x.id, 3)
-    return w, x.id, _run_process(w.popen.pid)
+    return c, w, x.id, _run_process(w.popen.pid)
 
 
 @pytest.mark.slow
-def test_a_run_process_killed_fails_its_run_and_the_worker_goes_on(cluster):
-    with cluster.client() as c:
-        _, exp_id, run_pid = _training(cluster, c, digits_spec("doomed", epochs=50))
+def test_a_run_process_killed_fails_its_run_and_the_worker_goes_on(box):
+    c, _, exp_id, run_pid = _training(box, digits_spec("doomed", epochs=50))
+    with c:
         os.kill(run_pid, signal.SIGKILL)
         final = c.wait(exp_id, timeout=60)
-        assert final.state == "FAILED", cluster.logs()
+        assert final.state == "FAILED", box.logs()
         assert final.message == ("the training process died: killed by SIGKILL (the kernel's out-of-memory "
                                  "killer sends this)"), final.message
         y = c.submit(digits_spec("next", epochs=1, max_steps=2))
-        assert c.wait(y.id, timeout=120).state == "COMPLETED", cluster.logs()
-
-
-@pytest.mark.slow
-def test_a_killed_agent_does_not_leave_its_run_training(cluster):
-    with cluster.client() as c:
-        w, _, run_pid = _training(cluster, c, digits_spec("orphan", epochs=50))
-        w.stop(signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _alive(run_pid):
-            time.sleep(0.1)
-        assert not _alive(run_pid), "the run process trained on after its agent was killed"
+        assert c.wait(y.id, timeout=120).state == "COMPLETED", box.logs()
 
 
 def _alive(pid: int) -> bool:
@@ -174,9 +176,9 @@ def _cpu_ticks(pid: int) -> int:
 
 
 @pytest.mark.slow
-def test_a_run_process_pauses_while_its_agent_is_frozen(cluster):
-    with cluster.client() as c:
-        w, exp_id, run_pid = _training(cluster, c, digits_spec("paused", epochs=2, max_steps=20))
+def test_a_run_process_pauses_while_its_agent_is_frozen(box):
+    c, w, exp_id, run_pid = _training(box, digits_spec("paused", epochs=2, max_steps=20))
+    with c:
         w.popen.send_signal(signal.SIGSTOP)  # the agent only: its run process keeps running
         try:
             time.sleep(pipe.AGENT_SILENCE_S + 1.5)
@@ -185,9 +187,20 @@ def test_a_run_process_pauses_while_its_agent_is_frozen(cluster):
             assert _cpu_ticks(run_pid) - before <= 5, "the run process trained on while its agent was frozen"
         finally:
             w.popen.send_signal(signal.SIGCONT)
-        assert c.wait(exp_id, timeout=120).state == "COMPLETED", cluster.logs()
+        assert c.wait(exp_id, timeout=120).state == "COMPLETED", box.logs()
         steps = [ev.step for ev in c.watch(exp_id) if ev.kind == "step"]
         assert steps == list(range(40))
+
+
+@pytest.mark.slow
+def test_a_killed_agent_does_not_leave_its_run_training(box):
+    c, w, _, run_pid = _training(box, digits_spec("orphan", epochs=50))
+    with c:
+        w.stop(signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _alive(run_pid):
+            time.sleep(0.1)
+        assert not _alive(run_pid), "the run process trained on after its agent was killed"
 
 
 @pytest.mark.slow

@@ -181,11 +181,11 @@ async def test_heartbeat_usage_shows_in_list_workers_and_prometheus(tmp_path):
 # ---------------------------------------------------------------------- real worker
 @pytest.mark.slow
 def test_a_real_worker_reports_its_cpu_usage(tmp_path):
-    from tests.conftest import Cluster
+    from tests.conftest import NO_SPEC_RUNS, Cluster
 
     c = Cluster(tmp_path)
     try:
-        c.add_worker("w-real")
+        c.add_worker("w-real", env=NO_SPEC_RUNS)  # it runs nothing
         deadline = time.monotonic() + 90  # the worker imports torch before its hello; shared CI cores
         with grpc.insecure_channel(c.address) as ch:
             stub = pb_grpc.ExperimentsStub(ch)

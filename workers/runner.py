@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 import threading
@@ -28,16 +29,25 @@ from trainctl.workers.run_process import report_devices, run_main
 log = logging.getLogger(__name__)
 
 _PRELOAD = ["trainctl.workers.runner", "trainctl.workers.run_process", "trainctl.workers.ddp",
-            "trainctl.workers.engine.loop", "timm", "sklearn.datasets", "sklearn.model_selection"]
+            "trainctl.workers.engine.loop"]
+# What spec runs import besides torch (~5 s of CPU on a small box). A worker that only runs
+# submitted commands (their own processes, not forks) can leave them to the first spec
+# run that needs them: TRAINCTL_PRELOAD="" (or another comma-separated list of modules).
+PRELOAD_ENV, SPEC_RUN_MODULES = "TRAINCTL_PRELOAD", "timm,sklearn.datasets,sklearn.model_selection"
+
+
+def preload_modules() -> list[str]:
+    extra = os.environ.get(PRELOAD_ENV, SPEC_RUN_MODULES)
+    return _PRELOAD + [m.strip() for m in extra.split(",") if m.strip()]
 
 
 def forkserver():
     """The forkserver context runs and DDP ranks start from. Its server process imports
-    torch, timm and the engine once; each run or rank is then a fork of it (no threads
+    torch, the engine and `preload_modules()` once; each run or rank is then a fork of it (no threads
     there, unlike the agent), which cuts a start from ~5-10 s of imports on a small box
     to a fork."""
     mp = multiprocessing.get_context("forkserver")
-    mp.set_forkserver_preload(_PRELOAD)  # only takes effect before the server first starts
+    mp.set_forkserver_preload(preload_modules())  # only takes effect before the server first starts
     return mp
 
 
