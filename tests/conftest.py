@@ -15,6 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from trainctl.client import Client
 
+# One intra-op thread for torch here and in every process the tests start (workers, their
+# run processes, example scripts). A run process shares CI's 2 cores with the server, its
+# agent, the test and often a second worker importing torch: with torch's default of one
+# OpenMP thread per core, its threads spin waiting for each other while those hold a
+# core, and an 8-step digits epoch took 6-14 s instead of 1-2 s with one thread (with a
+# core idle, two threads are ~1.5x faster; a test run rarely has one). Nothing a test
+# asserts depends on the thread count (DDP's ranks set their own).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def free_port() -> int:
     with socket.socket() as s:
