@@ -40,15 +40,14 @@ async def control(service, request: pb.ControlRequest, context) -> pb.ControlRec
     source = _SOURCES[request.source]
     # A live attached run whose SDK is connected is RUNNING and its SDK decides (its ack
     # says why): nothing to read first, so the command is stored and sent at once.
-    held = None if verb == KNOB_VERB or request.dry_run else service.dispatcher.attached_run(request.experiment_id)
-    if held is None:
+    attempt = None if verb == KNOB_VERB or request.dry_run else \
+        service.dispatcher.attached_attempt(request.experiment_id)
+    if attempt is None:
         x = await service._get(request.experiment_id, context)
         decision = await _decision(service, x, verb, request, context)
         if request.dry_run:
             return _dry_run_record(x.id, pb.ControlKind.Name(request.kind), request, source, decision)
         attempt = x.attempt
-    else:
-        attempt = held[1]
     experiment_id = request.experiment_id
     command_id = request.command_id or uuid.uuid4().hex
     now = time.time()

@@ -162,13 +162,13 @@ class Dispatcher:
         session = self.sessions.get(lease.worker_id) if lease else None
         return session if session and session.current and session.current[0] == experiment_id else None
 
-    def attached_run(self, experiment_id: int) -> Optional[tuple[WorkerSession, int]]:
-        """(its connected session, attempt) if `experiment_id` is a live ATTACHED run whose
-        SDK is connected now, else None. Such a run is RUNNING: its lease goes when it ends."""
+    def attached_attempt(self, experiment_id: int) -> Optional[int]:
+        """The attempt of `experiment_id` if it is a live ATTACHED run whose SDK is
+        connected now, else None. Such a run is RUNNING: its lease goes when it ends."""
         if experiment_id not in self.attached:
             return None
         session = self.session_for(experiment_id)
-        return (session, session.current[1]) if session is not None else None
+        return session.current[1] if session is not None else None
 
     def holds(self, session: WorkerSession, experiment_id: int, attempt: int) -> bool:
         """Whether `session` (the registered stream of its worker) holds the lease of

@@ -477,7 +477,7 @@ async def test_a_connected_attached_run_gets_a_command_without_a_read_first_and_
         # between storing a final state and releasing the run): a command of that moment
         # is stored EXPIRED, with the reason, never PENDING.
         await srv.db(srv.store.transition, xid, 1, "COMPLETED", message="done")
-        assert srv.dispatcher.attached_run(xid) is not None
+        assert srv.dispatcher.attached_attempt(xid) == 1
         rec = await srv.experiments.Control(pb.ControlRequest(experiment_id=xid, kind=pb.SET_LR, value=0.01))
         assert rec.status == pb.EXPIRED and "ended COMPLETED" in rec.message
         # Once released, the long path refuses it as before; an unknown id is NOT_FOUND.
