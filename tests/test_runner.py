@@ -177,7 +177,9 @@ def _cpu_ticks(pid: int) -> int:
 
 @pytest.mark.slow
 def test_a_run_process_pauses_while_its_agent_is_frozen(box):
-    c, w, exp_id, run_pid = _training(box, digits_spec("paused", epochs=2, max_steps=20))
+    c, w, exp_id, run_pid = _training(box, digits_spec("paused", epochs=2, max_steps=20,
+                                                          # trains on through the freeze below
+                                                          model={"name": "resnet10t"}))
     with c:
         w.popen.send_signal(signal.SIGSTOP)  # the agent only: its run process keeps running
         try:

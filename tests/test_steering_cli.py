@@ -57,7 +57,8 @@ def _parse_lr_words(text: str) -> tuple[dict, int, float]:
 @pytest.mark.slow
 @pytest.mark.timeout(900)  # two real runs on a shared 2-core box
 def test_consequence_hold_and_replay_with_a_real_worker(cluster):
-    spec = digits_spec("steer", epochs=2, max_steps=8)  # 16 steps, warmup = the first 8
+    spec = digits_spec("steer", epochs=2, max_steps=8,  # 16 steps, warmup = the first 8
+                       model={"name": "resnet10t"})  # still training when the CLI steers it
     cluster.add_worker("w0")           # first: its torch import overlaps the server's start
     with cluster.client() as cl:
         x = cl.submit(spec)
