@@ -161,12 +161,17 @@ def pytest_runtest_makereport(item, call):
     setattr(item, "rep_" + rep.when, rep)
 
 
+# digits_spec's model is timm's own tiny test ResNet: a real network learning real data,
+# at ~1/3.5 of resnet10t's CPU per step and ~1/13 of its checkpoint (the examples and the
+# demo keep resnet10t). A test whose run must still be training when it acts (a fault, a
+# steer from the CLI or a page), with step counts set on resnet10t's step time, or that
+# checks learning after a few steps, passes model=RESNET10T.
+RESNET10T = {"name": "resnet10t"}
+
+
 def digits_spec(name: str = "t", *, epochs: int = 3, max_steps: int = 0, **overrides) -> dict:
     spec = {
         "name": name,
-        # timm's own tiny test ResNet: a real network learning real data, at ~1/3.5 of
-        # resnet10t's CPU per step and ~1/13 of its checkpoint (what these tests assert
-        # does not depend on the model's size; the examples and the demo keep resnet10t).
         "model": {"name": "test_resnet"},
         "data": {"dataset": "digits", "batch_size": 64, "img_size": 32},
         "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},

@@ -17,7 +17,7 @@ import pytest
 
 from trainctl.client import Client
 
-from .conftest import Cluster, digits_spec, free_port
+from .conftest import RESNET10T, Cluster, digits_spec, free_port
 
 CHROMIUM = os.environ.get("TRAINCTL_CHROMIUM", "/usr/bin/chromium")
 try:
@@ -103,7 +103,7 @@ def test_runs_table_shows_submitted_run_and_its_state_live(live, page, tmp_path)
 def test_run_page_chart_grows_and_set_lr_from_the_page_is_acked_and_marked(live, page, tmp_path):
     with Client(live.address) as c:
         x = c.submit(digits_spec("browser-steer", epochs=4, max_steps=30,
-                                 model={"name": "resnet10t"}))  # still training when the page steers it
+                                 model=RESNET10T))  # still training when the page steers it
     live.ids["steer"] = x.id
     page.goto(f"{live.url}/#/run/{x.id}")
     charts = page.locator("#charts")

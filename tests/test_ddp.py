@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import digits_spec
+from tests.conftest import RESNET10T, digits_spec
 from trainctl.spec import parse_spec
 from trainctl.workers.ddp import run_ddp
 from trainctl.workers.engine.context import EPOCH, STEP, Command, ControlInbox, ListSink, TrainingContext
@@ -25,9 +25,8 @@ from trainctl.workers.engine.loop import Cancelled
 pytestmark = pytest.mark.slow
 
 EPOCHS, SPE = 3, 6  # steps per epoch (max_steps_per_epoch)
-# resnet10t, not the suite's tiny default: the resumed run's check that both ranks learnt
-# (train_acc > 0.6 after 18 steps) was set on it.
-SPEC = digits_spec("ddp", epochs=EPOCHS, max_steps=SPE, resources={"nproc": 2}, model={"name": "resnet10t"})
+# The resumed run's check that both ranks learnt (train_acc > 0.6 after 18 steps) was set on resnet10t.
+SPEC = digits_spec("ddp", epochs=EPOCHS, max_steps=SPE, resources={"nproc": 2}, model=RESNET10T)
 
 
 class _Steering(ListSink):

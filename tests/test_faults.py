@@ -10,14 +10,13 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, digits_spec, experiment_events
+from tests.conftest import RESNET10T, Cluster, digits_spec, experiment_events
 
 pytestmark = pytest.mark.slow
 
 FAST_LEASE = ["--heartbeat", "0.5", "--lease-timeout", "3"]
-# Every fault here must land while the run trains: the step counts below were set on
-# resnet10t's step time, so these runs keep it (not the suite's 3.5x faster default).
-MID_RUN_MODEL = {"name": "resnet10t"}
+# The runs below keep resnet10t: their step counts were set on its step time, so the
+# faults land where they were written to (conftest.RESNET10T).
 
 
 @pytest.fixture
@@ -71,7 +70,7 @@ def _wid(worker) -> str:
 
 def _spec(name: str, **kw) -> dict:
     # 4 epochs x 8 steps, checkpoint every epoch: small, yet long enough to kill mid-run.
-    return digits_spec(name, epochs=4, max_steps=8, model=MID_RUN_MODEL, **kw)
+    return digits_spec(name, epochs=4, max_steps=8, model=RESNET10T, **kw)
 
 
 def _wait_epoch(c, exp_id: int, epoch: int, timeout: float = 120) -> None:
@@ -159,7 +158,7 @@ def test_gives_up_after_max_restarts(pair):
 
 def test_server_killed_mid_run_loses_nothing(survivor):
     c = survivor.client()
-    x = c.submit(digits_spec("server-dies", epochs=6, max_steps=8, model=MID_RUN_MODEL))
+    x = c.submit(digits_spec("server-dies", epochs=6, max_steps=8, model=RESNET10T))
     _wait_epoch(c, x.id, 0)
     survivor.server.stop(signal.SIGKILL)
     time.sleep(2.0)                        # the worker keeps training, buffering metrics
@@ -197,7 +196,7 @@ def _small_spec(name: str, epochs: int = 6, steps: int = 6, **train) -> dict:
     # Tiny: the box that runs these is often shared and slow. A run that ends during a
     # fault is still a fair test: its results must get through once the fault is over.
     return digits_spec(name, train={"epochs": epochs, "seed": 0, "max_steps_per_epoch": steps, **train},
-                       model=MID_RUN_MODEL)
+                       model=RESNET10T)
 
 
 def _kill_group(proc) -> None:
@@ -371,7 +370,7 @@ def test_fresh_database_over_an_old_workdir_never_resumes_the_old_run(tmp_path, 
 def test_worker_sigterm_hands_the_run_back(relay):
     w0 = relay.add_worker("w0")            # the first of the relay
     c = relay.client()
-    x = c.submit(digits_spec("handoff", epochs=4, max_steps=8, model=MID_RUN_MODEL))
+    x = c.submit(digits_spec("handoff", epochs=4, max_steps=8, model=RESNET10T))
     _on(c, x.id, "w0")
     relay.add_worker("w1")          # its torch import overlaps epoch 0; nothing to take until the hand-back
     stream = c.watch(x.id, live_only=True)  # one stream: it sees the hand-back before w1 takes the run

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, digits_spec
+from tests.conftest import RESNET10T, Cluster, digits_spec
 from trainctl.workers import pipe, run_process, runner
 from trainctl.workers.engine.context import Ack, Command
 
@@ -178,8 +178,7 @@ def _cpu_ticks(pid: int) -> int:
 @pytest.mark.slow
 def test_a_run_process_pauses_while_its_agent_is_frozen(box):
     c, w, exp_id, run_pid = _training(box, digits_spec("paused", epochs=2, max_steps=20,
-                                                          # trains on through the freeze below
-                                                          model={"name": "resnet10t"}))
+                                                          model=RESNET10T))  # trains on through the freeze
     with c:
         w.popen.send_signal(signal.SIGSTOP)  # the agent only: its run process keeps running
         try:

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import Cluster, digits_spec
+from tests.conftest import RESNET10T, Cluster, digits_spec
 
 
 def run_cli(c: Cluster, *args: str) -> subprocess.CompletedProcess:
@@ -58,7 +58,7 @@ def _parse_lr_words(text: str) -> tuple[dict, int, float]:
 @pytest.mark.timeout(900)  # two real runs on a shared 2-core box
 def test_consequence_hold_and_replay_with_a_real_worker(cluster):
     spec = digits_spec("steer", epochs=2, max_steps=8,  # 16 steps, warmup = the first 8
-                       model={"name": "resnet10t"})  # still training when the CLI steers it
+                       model=RESNET10T)  # still training when the CLI steers it
     cluster.add_worker("w0")           # first: its torch import overlaps the server's start
     with cluster.client() as cl:
         x = cl.submit(spec)
