@@ -36,6 +36,14 @@ _SOURCES = {pb.CONTROL_SOURCE_UNSPECIFIED: e.LIVE, pb.LIVE: e.LIVE, pb.CONSOLE: 
 
 
 async def control(service, request: pb.ControlRequest, context) -> pb.ControlRecord:
+    # The client waits on this call until the run's ack is stored: metric writes step
+    # aside meanwhile (bounded: store/writelock.Urgency), so their ~20 ms of work a second
+    # does not sit between the command's hops (bench/RESULTS.md, set-lr).
+    with service.store.urgent():
+        return await _control(service, request, context)
+
+
+async def _control(service, request: pb.ControlRequest, context) -> pb.ControlRecord:
     verb = await _checked_verb(request, context)
     source = _SOURCES[request.source]
     # A live attached run whose SDK is connected is RUNNING and its SDK decides (its ack

@@ -1,9 +1,12 @@
 """A short write (a control command, its ack) never waits behind a whole large metric
 batch: the store's first-come write lock, a batch committed in parts while another
-write waits, and the Workers stream handling an ack while a batch is being written.
-In-process, real SQLite file, real gRPC loopback; seconds."""
+write waits, the Workers stream handling an ack while a batch is being written, and
+metric writes stepping aside (within bounds) while a client waits on a command.
+In-process, real SQLite file (and PostgreSQL for the store's stepping aside), real
+gRPC loopback; seconds."""
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -12,10 +15,12 @@ import pytest
 from trainctl.server.store import ControlRecord
 from trainctl.server.store.metrics import WRITE_PART
 from trainctl.server.store.sqlalchemy_store import SqlAlchemyStore
-from trainctl.server.store.writelock import FairLock
+from trainctl.server.store.writelock import FairLock, Urgency
 from trainctl.v1 import trainctl_pb2 as pb
 
 from tests.scripted import in_loop, running_server
+
+pytest_plugins = ["tests.pg"]  # pg_url: a throwaway PostgreSQL database (skips, saying why, without one)
 
 NAMES = ("a", "b", "c", "d")
 STEPS = 25_000  # 100,000 points: a few hundred ms of SQLite work, ~100 parts
@@ -54,6 +59,62 @@ def test_fair_lock_serves_waiters_in_arrival_order():
     assert not lock.waiting() and not lock._held
 
 
+def _until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.002)
+
+
+def _step_aside_in_thread(u: Urgency) -> tuple[threading.Thread, list]:
+    ended: list[float] = []
+    t = threading.Thread(target=lambda: (u.step_aside(), ended.append(time.monotonic())))
+    t.start()
+    return t, ended
+
+
+def test_rows_step_aside_until_the_urgent_call_ends():
+    u = Urgency(hold_s=30, budget_s=30)
+    assert not u.active()
+    u.step_aside()  # nothing urgent: returns at once
+    assert u.waits == 0
+    with u.hold():
+        assert u.active()
+        t, ended = _step_aside_in_thread(u)
+        _until(lambda: u.aside == 1)
+        time.sleep(0.1)
+        assert t.is_alive() and u.aside == 1
+        closed = time.monotonic()
+    t.join(5)
+    assert not t.is_alive() and closed <= ended[0] < closed + 2
+    assert u.waits == 1 and u.aside == 0 and not u.active()
+
+
+def test_an_urgent_call_holds_rows_for_hold_s_at_most():
+    u = Urgency(hold_s=0.3, budget_s=30)
+    with u.hold():
+        t0 = time.monotonic()
+        t, ended = _step_aside_in_thread(u)
+        t.join(10)
+        assert 0.2 <= ended[0] - t0 < 5  # the hold stopped counting; the call is still open
+        assert not u.active()
+        u.step_aside()  # an expired hold holds nothing
+    assert u.waits == 1
+
+
+def test_rows_step_aside_within_a_budget_whatever_the_commands():
+    """A client sending commands back to back slows ingestion by a share, never stops it."""
+    u = Urgency(hold_s=30, budget_s=0.3, window_s=60)
+    with u.hold():
+        t0 = time.monotonic()
+        u.step_aside()
+        t1 = time.monotonic()
+        u.step_aside()  # the window's budget is spent
+        t2 = time.monotonic()
+    assert 0.2 <= t1 - t0 < 5 and t2 - t1 < 1
+    assert u.waits == 1
+
+
 @pytest.fixture
 def store(tmp_path):
     s = SqlAlchemyStore(f"sqlite:///{tmp_path / 'trainctl.db'}")
@@ -83,6 +144,39 @@ def test_a_waiting_write_goes_between_the_parts_of_a_long_metric_write(store):
     down, total = store.get_metrics_downsampled(x.id, 500, names=["a"])
     assert total == STEPS and max(down[0].values) == 96.0 and min(down[0].values) == 0.0
     assert store.get_experiment(x.id).last_step == STEPS - 1
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_long_metric_write_steps_aside_between_parts_while_a_command_is_urgent(backend, tmp_path, request):
+    url = f"sqlite:///{tmp_path / 'trainctl.db'}" if backend == "sqlite" else request.getfixturevalue("pg_url")
+    store = SqlAlchemyStore(url)
+    steps = STEPS if backend == "sqlite" else STEPS // 5  # PostgreSQL: ~1 s of writing
+    try:
+        x = store.create_attached("run", {}, session_suffix="s", run_token_hash="h")
+        store._urgency = Urgency(hold_s=60, budget_s=60)  # held until the test lets go
+        big = threading.Thread(target=store.add_metrics, args=(x.id, 1, "STEP", NAMES, _rows(range(steps))))
+        big.start()
+        if backend == "sqlite":
+            _until(lambda: store._write_lock._held)  # the batch is being written
+        else:  # (no in-process lock to watch: a part or none may be written when the hold opens)
+            time.sleep(0.05)
+        with store.urgent():
+            _until(lambda: store._urgency.aside == 1)
+            before = store.count_metrics(x.id)
+            time.sleep(0.3)
+            # Stepped aside after committing a part: nothing written while the command is urgent.
+            assert store.count_metrics(x.id) == before and big.is_alive()
+            assert (WRITE_PART if backend == "sqlite" else 0) <= before < 4 * steps
+            store.add_control(ControlRecord("cmd", x.id, "SET_LR", 0.01))  # no write waits on the batch
+        big.join(30)
+        assert store.count_metrics(x.id) == 4 * steps
+        assert store._urgency.waits == 1
+        raw = {s.name: s for s in store.get_metrics(x.id)}
+        assert raw["a"].steps == list(range(steps))  # the parts add up, the rollup too
+        down, total = store.get_metrics_downsampled(x.id, 500, names=["a"])
+        assert total == steps and max(down[0].values) == 96.0 and min(down[0].values) == 0.0
+    finally:
+        store.close()
 
 
 def test_an_uncontended_metric_write_is_one_transaction(store):
@@ -117,6 +211,32 @@ async def test_a_control_ack_is_handled_while_a_large_batch_is_being_written(tmp
         ack = await w.expect("batch_ack", timeout=30)
         assert ack.seq == 1
         assert await srv.db(srv.store.count_metrics, x.id) == 4 * STEPS
+
+
+@in_loop
+async def test_a_batch_waits_while_a_client_waits_on_a_command_then_is_stored_and_acked(tmp_path):
+    async with running_server(tmp_path, lease_timeout=30.0) as srv:
+        x = await srv.db(srv.store.create_experiment, "x", {"name": "x"})
+        srv.dispatcher.kick()
+        w = await srv.worker("w1")
+        a = await w.expect("assignment")
+        w.state(x.id, a.attempt, pb.RUNNING)
+        await srv.until(lambda: srv.store.get_experiment(x.id).state == "RUNNING", what="RUNNING")
+        srv.store._urgency = Urgency(hold_s=60, budget_s=60)  # the command holds rows until acked
+        call = asyncio.ensure_future(srv.experiments.Control(pb.ControlRequest(
+            experiment_id=x.id, kind=pb.SET_LR, value=0.01, command_id="cmd", wait_seconds=30)))
+        cmd = await w.expect("control", timeout=10)
+        w.metrics(x.id, a.attempt, 1, range(100), names=NAMES)
+        await srv.until(lambda: srv.store._urgency.aside == 1, what="the batch stepping aside")
+        await asyncio.sleep(0.2)
+        assert await srv.db(srv.store.count_metrics, x.id) == 0 and srv.store._urgency.aside == 1
+        w.send(ack=pb.ControlAck(experiment_id=x.id, attempt=a.attempt, command_id=cmd.command_id, ok=True,
+                                 applied_step=3, old_value=0.1, new_value=0.01))
+        rec = await call
+        assert rec.status == pb.APPLIED and rec.applied_step == 3
+        ack = await w.expect("batch_ack", timeout=10)
+        assert ack.seq == 1 and await srv.db(srv.store.count_metrics, x.id) == 400
+        assert srv.store._urgency.waits == 1
 
 
 @in_loop

@@ -14,6 +14,7 @@ after a lease expiry). Anything else raises `StaleAttempt`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 from collections.abc import Iterable, Sequence
 
 from .entities import ControlRecord, Experiment, Knob, MetricRow, MetricSeries, Worker
@@ -121,6 +122,12 @@ class AbstractStore(ABC):
         attempt (a resumed run recomputing a step). Raises StaleAttempt when fenced.
         Returns the number of points in the batch (non-NaN values).
         """
+
+    def urgent(self) -> AbstractContextManager:
+        """A context for a call that a client waits on (a control command until its ack):
+        while it is open, add_metrics steps aside between parts, within bounds
+        (writelock.Urgency). Not a store call: cheap and safe on the event loop."""
+        return nullcontext()
 
     @abstractmethod
     def get_metrics(

@@ -5,14 +5,15 @@ wall times, rows for Watch history, and the delivered counts (lineage.py).
 A batch comes from the worker that holds the run: add_metrics checks experiment and
 attempt (`_check_live`) on the experiment row, read FOR UPDATE on PostgreSQL, in the
 same transaction as the upsert of its rows, so a requeued attempt's late rows are
-refused (the store's concurrency model: sqlalchemy_store.py). On SQLite a large batch
-commits in parts while another write waits (WRITE_PART), each part checked so; a part
-refused leaves the parts before it stored, as if the sender had cut the batch there.
+refused (the store's concurrency model: sqlalchemy_store.py). A large batch commits in
+parts while another write waits (SQLite) or a client waits on a command (`urgent`, any
+database: the batch steps aside between parts), each part checked so; a part refused
+leaves the parts before it stored, as if the sender had cut the batch there.
 The write is an upsert on (experiment, name, scope, step) that only a same or later
 attempt wins (dialects.metrics_upsert): a resent batch is harmless.
 
-It uses the store's `_session`, `_experiment_row`, `_check_live`, `_engine` and
-`_dialect`; the store's __init__ calls `_init_metrics`.
+It uses the store's `_session`, `_experiment_row`, `_check_live`, `_engine`,
+`_dialect`, `_write_lock` and `_urgency`; the store's __init__ calls `_init_metrics`.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class MetricsMixin:
         if scope not in E.SCOPES:
             raise ValueError(f"scope must be one of {E.SCOPES}, got {scope!r}")
         names = list(names)
+        self._urgency.step_aside()
         # Built before taking the write lock: this loop is most of the call's CPU time.
         params = []
         for step, epoch, wall_time, values in rows:
@@ -96,7 +98,9 @@ class MetricsMixin:
                 params.append((experiment_id, scope, step, epoch, name, value, wall_time, attempt))
 
         done = 0
-        while True:  # one transaction, or several when a short write waits (WRITE_PART)
+        while True:  # one transaction, or several when a short write or a command waits
+            if done:
+                self._urgency.step_aside()  # between transactions: holding no lock
             with self._session(write=True) as s:
                 current = s.execute(
                     select(ExperimentModel.attempt, ExperimentModel.worker_id)
@@ -115,8 +119,8 @@ class MetricsMixin:
                     part = params[done:done + WRITE_PART]
                     done += len(part)
                     self._upsert_points(conn, part)
-                    if done < len(params) and self._write_lock.waiting():
-                        break  # commit this much; the waiting write goes next (writelock.py)
+                    if done < len(params) and (self._write_lock.waiting() or self._urgency.active()):
+                        break  # commit this much; the waiting write or command goes next (writelock.py)
                 written = params[start:done]
                 self._rollup.update(conn, experiment_id, scope, written)  # same transaction
                 top = max(map(_STEP, written))

@@ -47,7 +47,7 @@ from .errors import InvalidTransition, NotFound, StaleAttempt, StoreUnavailable
 from .migrate import upgrade_to_head
 from .tables import ExperimentModel, ExperimentTagModel, MetaModel, WorkerModel
 from .tags import MAX_TAGS, check_note, check_tags
-from .writelock import FairLock, NoLock
+from .writelock import FairLock, NoLock, Urgency
 
 # Legal worker-driven moves; requeue and cancel have their own rules.
 _TRANSITIONS = {
@@ -73,6 +73,7 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, ArtifactsMixin, LogsMixin, Metr
         else:
             self._write_lock = self._read_lock = NoLock()
 
+        self._urgency = Urgency()  # metric writes step aside while a client waits on a command
         self._init_metrics()  # the compiled metrics upsert and the rollup (metrics.py)
         # Driver errors that mean "the database cannot be reached or written now" (locked,
         # disk full, connection lost); raw-cursor reads (series.py) raise them unwrapped.
@@ -111,6 +112,9 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, ArtifactsMixin, LogsMixin, Metr
             if exc.connection_invalidated:
                 raise StoreUnavailable(operation, exc) from exc
             raise
+
+    def urgent(self):
+        return self._urgency.hold()
 
     def _migrate(self) -> None:
         with self._write_lock, self._write_engine.begin() as conn:
