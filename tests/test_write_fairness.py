@@ -190,15 +190,21 @@ def test_an_uncontended_metric_write_is_one_transaction(store):
     assert store.count_metrics(x.id) == 40
 
 
+async def _running(srv):
+    """A spec experiment RUNNING on scripted worker w1: (experiment, worker, assignment)."""
+    x = await srv.db(srv.store.create_experiment, "x", {"name": "x"})
+    srv.dispatcher.kick()
+    w = await srv.worker("w1")
+    a = await w.expect("assignment")
+    w.state(x.id, a.attempt, pb.RUNNING)
+    await srv.until(lambda: srv.store.get_experiment(x.id).state == "RUNNING", what="RUNNING")
+    return x, w, a
+
+
 @in_loop
 async def test_a_control_ack_is_handled_while_a_large_batch_is_being_written(tmp_path):
     async with running_server(tmp_path, lease_timeout=30.0) as srv:
-        x = await srv.db(srv.store.create_experiment, "x", {"name": "x"})
-        srv.dispatcher.kick()
-        w = await srv.worker("w1")
-        a = await w.expect("assignment")
-        w.state(x.id, a.attempt, pb.RUNNING)
-        await srv.until(lambda: srv.store.get_experiment(x.id).state == "RUNNING", what="RUNNING")
+        x, w, a = await _running(srv)
         await srv.db(srv.store.add_control, ControlRecord("cmd", x.id, "SET_LR", 0.01))
         waiter = srv.live.expect_control(x.id, "cmd")
         w.metrics(x.id, a.attempt, 1, range(STEPS), names=NAMES)
@@ -216,12 +222,7 @@ async def test_a_control_ack_is_handled_while_a_large_batch_is_being_written(tmp
 @in_loop
 async def test_a_batch_waits_while_a_client_waits_on_a_command_then_is_stored_and_acked(tmp_path):
     async with running_server(tmp_path, lease_timeout=30.0) as srv:
-        x = await srv.db(srv.store.create_experiment, "x", {"name": "x"})
-        srv.dispatcher.kick()
-        w = await srv.worker("w1")
-        a = await w.expect("assignment")
-        w.state(x.id, a.attempt, pb.RUNNING)
-        await srv.until(lambda: srv.store.get_experiment(x.id).state == "RUNNING", what="RUNNING")
+        x, w, a = await _running(srv)
         srv.store._urgency = Urgency(hold_s=60, budget_s=60)  # the command holds rows until acked
         call = asyncio.ensure_future(srv.experiments.Control(pb.ControlRequest(
             experiment_id=x.id, kind=pb.SET_LR, value=0.01, command_id="cmd", wait_seconds=30)))
