@@ -5,11 +5,12 @@ Concurrency model
 The gRPC server calls the store from many threads. On SQLite there is one writer at a
 time anyway, so writes are serialised in-process by a first-come lock (writelock.py;
 no thread ever waits on SQLITE_BUSY, and a long metrics write commits in parts while a
-short write waits) and every write transaction starts with `BEGIN IMMEDIATE`, which takes the
-database's write lock up front: a transaction that reads then writes (claim_next) can
-never have its snapshot overtaken by another process's write, and busy_timeout queues
-writers from other processes. WAL mode lets readers run next to that writer, each in a
-plain deferred `BEGIN` (a consistent snapshot).
+short write waits; on any database it also steps aside between parts while a client
+waits on a command: `urgent`) and every write transaction starts with `BEGIN
+IMMEDIATE`, which takes the database's write lock up front: a transaction that reads
+then writes (claim_next) can never have its snapshot overtaken by another process's
+write, and busy_timeout queues writers from other processes. WAL mode lets readers run
+next to that writer, each in a plain deferred `BEGIN` (a consistent snapshot).
 
 On PostgreSQL the lock is not used (several servers may share the database): row locks
 do the work. claim_next takes its candidate `FOR UPDATE SKIP LOCKED`, so concurrent
