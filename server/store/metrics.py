@@ -101,7 +101,7 @@ class MetricsMixin:
         while True:  # one transaction, or several when a short write or a command waits
             if done:
                 self._urgency.step_aside()  # between transactions: holding no lock
-            with self._session(write=True) as s:
+            with self._session(write=True, bulk=True) as s:
                 current = s.execute(
                     select(ExperimentModel.attempt, ExperimentModel.worker_id)
                     .where(ExperimentModel.id == experiment_id)

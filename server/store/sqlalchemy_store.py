@@ -91,18 +91,19 @@ class SqlAlchemyStore(ControlsMixin, KnobsMixin, ArtifactsMixin, LogsMixin, Metr
     # ---------------------------------------------------------------- plumbing
 
     @contextlib.contextmanager
-    def _session(self, *, write: bool = False) -> Iterator[Session]:
+    def _session(self, *, write: bool = False, bulk: bool = False) -> Iterator[Session]:
         """The one way in: a session in a transaction, committed on success, else rolled back.
 
         Also the one place where an outage (locked or full database, lost connection)
         becomes StoreUnavailable, naming the store method: nothing outside the store
         sees SQLAlchemy or driver text. Nothing was committed when it is raised.
+        `bulk`: a long write (a metric batch) that short writes may go between.
         """
         operation = sys._getframe(2).f_code.co_name  # the store method using this session
         engine = self._write_engine if write else self._engine
         try:
             with (
-                self._write_lock if write else self._read_lock,
+                (self._write_lock.bulk() if bulk else self._write_lock) if write else self._read_lock,
                 Session(engine, expire_on_commit=False) as session,
                 session.begin(),
             ):
