@@ -1,11 +1,11 @@
 """How the store orders its writes in-process (sqlalchemy_store's concurrency model).
 
 FairLock serialises SQLite writes: first come, first served, and it can tell a holder
-that someone is waiting. A long write (a worker's metric batch of a second or more of
-rows) commits in parts when a short one (a control command, its ack) waits, so the short
-one waits for one part, not for the whole batch. threading.Lock cannot do either: a
-thread that releases it and takes it again at once usually wins over the waiter it just
-woke.
+that a short write is waiting. A long (bulk) write (a worker's metric batch of a second
+or more of rows) commits in parts when a short one (a control command, its ack) waits,
+so the short one waits for one part, not for the whole batch; another batch waiting
+does not cut it. threading.Lock cannot do either: a thread that releases it and takes
+it again at once usually wins over the waiter it just woke.
 
 Urgency goes further, on any database: while a client waits on a command, metric writes
 step aside between their parts. The lock alone leaves the short write waiting on the
