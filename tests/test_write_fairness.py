@@ -18,6 +18,7 @@ from trainctl.server.store.sqlalchemy_store import SqlAlchemyStore
 from trainctl.server.store.writelock import FairLock, Urgency
 from trainctl.v1 import trainctl_pb2 as pb
 
+from tests.conftest import wait_for
 from tests.scripted import in_loop, running_server
 
 pytest_plugins = ["tests.pg"]  # pg_url: a throwaway PostgreSQL database (skips, saying why, without one)
@@ -59,13 +60,6 @@ def test_fair_lock_serves_waiters_in_arrival_order():
     assert not lock.waiting() and not lock._held
 
 
-def _until(predicate, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.002)
-
-
 def _step_aside_in_thread(u: Urgency) -> tuple[threading.Thread, list]:
     ended: list[float] = []
     t = threading.Thread(target=lambda: (u.step_aside(), ended.append(time.monotonic())))
@@ -81,7 +75,7 @@ def test_rows_step_aside_until_the_urgent_call_ends():
     with u.hold():
         assert u.active()
         t, ended = _step_aside_in_thread(u)
-        _until(lambda: u.aside == 1)
+        wait_for(lambda: u.aside == 1, timeout=10, every=0.002)
         time.sleep(0.1)
         assert t.is_alive() and u.aside == 1
         closed = time.monotonic()
@@ -120,10 +114,10 @@ def test_only_a_short_write_waiting_asks_a_bulk_one_to_commit_its_part():
     lock.acquire(bulk=True)
     threads = [threading.Thread(target=lambda b=b: (lock.acquire(bulk=b), lock.release())) for b in (True, False)]
     threads[0].start()
-    _until(lambda: len(lock._waiters) == 1)
+    wait_for(lambda: len(lock._waiters) == 1, timeout=10, every=0.002)
     assert not lock.waiting()  # another metric batch: no reason to cut this one
     threads[1].start()
-    _until(lambda: len(lock._waiters) == 2)
+    wait_for(lambda: len(lock._waiters) == 2, timeout=10, every=0.002)
     assert lock.waiting()
     lock.release()
     for t in threads:
@@ -173,11 +167,11 @@ def test_a_long_metric_write_steps_aside_between_parts_while_a_command_is_urgent
         big = threading.Thread(target=store.add_metrics, args=(x.id, 1, "STEP", NAMES, _rows(range(steps))))
         big.start()
         if backend == "sqlite":
-            _until(lambda: store._write_lock._held)  # the batch is being written
+            wait_for(lambda: store._write_lock._held, timeout=10, every=0.002)  # the batch is being written
         else:  # (no in-process lock to watch: a part or none may be written when the hold opens)
             time.sleep(0.05)
         with store.urgent():
-            _until(lambda: store._urgency.aside == 1)
+            wait_for(lambda: store._urgency.aside == 1, timeout=10, every=0.002)
             before = store.count_metrics(x.id)
             time.sleep(0.3)
             # Stepped aside after committing a part: nothing written while the command is urgent.

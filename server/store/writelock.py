@@ -121,13 +121,16 @@ class Urgency:
                 del self._open[key]
                 self._cond.notify_all()
 
+    def _counting_until(self, now: float) -> float:
+        """When the last hold still counting stops counting; 0.0 if none does. Under _cond."""
+        return max((until for until in self._open.values() if until > now), default=0.0)
+
     def active(self) -> bool:
         """Whether an urgent call is open and still counts."""
         if not self._open:  # the common case, without the lock
             return False
         with self._cond:
-            now = time.monotonic()
-            return any(until > now for until in self._open.values())
+            return self._counting_until(time.monotonic()) > 0.0
 
     def step_aside(self) -> None:
         """Wait while an urgent call counts, within the budget. Call it holding no lock."""
@@ -139,8 +142,7 @@ class Urgency:
                 self._window_start, self._stepped = now, 0.0
             start, waited = now, False
             while True:
-                until = max((u for u in self._open.values() if u > now), default=0.0)
-                left = min(until, start + self.budget_s - self._stepped) - now
+                left = min(self._counting_until(now), start + self.budget_s - self._stepped) - now
                 if left <= 0:
                     break
                 if not waited:
